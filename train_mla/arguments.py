@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass, field
 
+from transformers import TrainingArguments
+
 
 
 @dataclass
@@ -49,3 +51,72 @@ class MLAArguments:
                 raise ValueError(f"{key}={v}: must be in (0, 1]")
         if self.rank_multiple < 1:
             raise ValueError(f"rank_multiple={self.rank_multiple}: must be >= 1")
+
+
+@dataclass
+class DataArguments:
+    """Training data: a mixture of hub datasets and local files, tokenised and (optionally) packed."""
+
+    dataset_mixer: dict = field(metadata={"help": "{source: fraction}: hub ids, local .json/.jsonl/.parquet/.csv/.txt "
+                                          "files or directories, each with the share of its training rows to use."})
+    dataset_splits: list[str] = field(default_factory=lambda: ["train", "test"], metadata={
+        "help": "Splits to read from hub datasets and directories; names containing 'train' train, 'test' evaluate."})
+    test_split_size: float = field(default=0.0, metadata={
+        "help": "When no test split exists, hold out this share of the training rows for evaluation."})
+    chat_template: str | None = field(default=None, metadata={"help": "Jinja chat template that replaces the tokenizer's."})
+    max_seq_length: int = field(default=2048, metadata={"help": "Block length for packing / truncation length."})
+    packing: bool = field(default=True, metadata={"help": "Concatenate documents into max_seq_length blocks."})
+    separate_documents: bool = field(default=True, metadata={
+        "help": "With packing: restart positions at each document and mask attention across documents."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
+    processed_cache_dir: str | None = field(default=None, metadata={
+        "help": "Where tokenised/packed data is cached (default ~/.cache/train_mla/processed)."})
+
+    def __post_init__(self):
+        if not self.dataset_mixer:
+            raise ValueError("dataset_mixer is empty: give at least one {source: fraction}")
+        for name, frac in self.dataset_mixer.items():
+            if not isinstance(frac, (int, float)) or isinstance(frac, bool) or not 0 < frac <= 1:
+                raise ValueError(f"dataset_mixer[{name!r}]={frac!r}: fractions must be numbers in (0, 1]")
+        if not 0 <= self.test_split_size < 1:
+            raise ValueError(f"test_split_size={self.test_split_size}: must be in [0, 1)")
+        if self.max_seq_length < 2:
+            raise ValueError(f"max_seq_length={self.max_seq_length}: must be >= 2")
+
+
+@dataclass
+class DistillConfig(TrainingArguments):
+    """Stage-1 training: transformers TrainingArguments plus the distillation keys."""
+
+    teacher_model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Teacher (frozen). null = self-distillation from the source model_name_or_path."})
+    kl_weight: float = field(default=1.0, metadata={"help": "Weight of KL(teacher || student)."})
+    ce_weight: float = field(default=0.0, metadata={"help": "Weight of the student's next-token cross-entropy."})
+    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KL term (scaled by T^2)."})
+    loss_chunk_size: int = field(default=1024, metadata={
+        "help": "Tokens per chunk when computing logits and loss, so full [tokens, vocab] tensors never exist."})
+    freeze_non_mla: bool = field(default=False, metadata={"help": "Train only the MLA attention projections."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Start afresh in a non-empty output_dir (otherwise an existing run is resumed, a finished one refused)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.kl_weight < 0 or self.ce_weight < 0 or self.kl_weight + self.ce_weight == 0:
+            raise ValueError(f"kl_weight={self.kl_weight}, ce_weight={self.ce_weight}: both >= 0 and not both 0")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature}: must be > 0")
+        if self.loss_chunk_size < 1:
+            raise ValueError(f"loss_chunk_size={self.loss_chunk_size}: must be >= 1")
+
+
+def _distill_types():
+    return ModelArguments, MLAArguments, DataArguments, DistillConfig
+
+
+def _dpo_types():
+    from .train_dpo import DPOArguments, PreferenceDataArguments
+
+    return ModelArguments, PreferenceDataArguments, DPOArguments
+
+
+RECIPE_TYPES = {"train_distill": _distill_types, "train_dpo": _dpo_types}
