@@ -99,7 +99,7 @@ def test_converter_on_stories260k_and_refuses_to_overwrite(tmp_out):
             "--torch_dtype", "float32", "--output", tmp_out]
     out = _cli(*args)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "| MLA | 12 |" in out.stdout and "37.500 %" in out.stdout  # (8 + 4) / (2 KV * 4 heads * 8 dims)
+    assert "| MLA | 12 |" in out.stdout and "18.750 %" in out.stdout  # (8 + 4) / (2 * 4 KV heads * 8 dims)
     assert (tmp_out / "tokenizer.json").is_file()
     again = _cli(*args)
     assert again.returncode != 0 and "not empty" in again.stderr

@@ -3,7 +3,6 @@
 An unknown key or a value of the wrong type is an error that names the key, raised before any model loads.
 """
 
-import argparse
 import dataclasses
 import difflib
 import enum
@@ -115,18 +114,18 @@ def _help(types_, prog, description) -> str:
     return "\n".join(lines)
 
 
-def parse_recipe(types_, argv=None, *, prog=None, description="", ignore_unknown_from=None):
+def parse_recipe(types_, argv=None, *, prog=None, description="", ignore_unknown_from=None, defaults=None):
     """Return one instance per dataclass in `types_`, from `[recipe.yaml] [--key value ...]`.
 
     `ignore_unknown_from` names a script ('train_distill' or 'train_dpo') whose recipe keys may be present and
-    are skipped (so the converter can read a training recipe).
+    are skipped (so the converter can read a training recipe). `defaults` are applied under the recipe's values.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or Path(sys.argv[0]).name
     if "-h" in argv or "--help" in argv:
         print(_help(types_, prog, description))
         raise SystemExit(0)
-    values, source = {}, "command line"
+    values, source = dict(defaults or {}), "command line"
     if argv and not argv[0].startswith("--"):
         path = Path(argv.pop(0))
         if not path.is_file():
@@ -134,7 +133,7 @@ def parse_recipe(types_, argv=None, *, prog=None, description="", ignore_unknown
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise RecipeError(f"recipe file {str(path)!r} must be a mapping of key: value")
-        values, source = loaded, str(path)
+        values, source = {**values, **loaded}, str(path)
     values.update(_parse_overrides(argv))
 
     owners = {}
@@ -180,9 +179,5 @@ def refuse_existing_output(path: str | Path, overwrite: bool) -> None:
     if p.exists() and not p.is_dir():
         raise RecipeError(f"output path {str(p)!r} exists and is not a directory")
     if p.is_dir() and any(p.iterdir()) and not overwrite:
-        raise RecipeError(f"output directory {str(p)!r} exists and is not empty; choose another one "
-                          "or set overwrite_output_dir: true (training resumes from its last checkpoint).")
+        raise RecipeError(f"output directory {str(p)!r} exists and is not empty; choose another one.")
 
-
-def main_parser_error(e: Exception) -> None:  # pragma: no cover - thin CLI helper
-    argparse.ArgumentParser().exit(2, f"error: {e}\n")

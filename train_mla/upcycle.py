@@ -198,21 +198,24 @@ class UpcycleOutput:
 
 
 def main(argv=None):
-    from .model_loading import load_causal_lm, load_tokenizer
-    from .recipe import parse_recipe, refuse_existing_output
+    from .model_loading import ModelNotFoundError, load_causal_lm, load_tokenizer
+    from .recipe import RecipeError, parse_recipe, refuse_existing_output
 
-    model_args, mla, out_args = parse_recipe(
-        (ModelArguments, MLAArguments, UpcycleOutput), argv, prog="python -m train_mla.upcycle",
-        description="Convert a Llama-family checkpoint to MLA by SVD and save it, without training.",
-        ignore_unknown_from="train_distill",
-    )
-    if not out_args.output:
-        raise SystemExit("error: --output DIR is required")
-    refuse_existing_output(out_args.output, overwrite=False)
-    print(f"Loading {model_args.model_name_or_path} ...", flush=True)
-    source = load_causal_lm(model_args.model_name_or_path, model_args.torch_dtype, model_args.attn_implementation,
-                            model_args.model_revision)
-    tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision)
+    try:
+        model_args, mla, out_args = parse_recipe(
+            (ModelArguments, MLAArguments, UpcycleOutput), argv, prog="python -m train_mla.upcycle",
+            description="Convert a Llama-family checkpoint to MLA by SVD and save it, without training.",
+            ignore_unknown_from="train_distill",
+        )
+        if not out_args.output:
+            raise RecipeError("--output DIR is required")
+        refuse_existing_output(out_args.output, overwrite=False)
+        print(f"Loading {model_args.model_name_or_path} ...", flush=True)
+        source = load_causal_lm(model_args.model_name_or_path, model_args.torch_dtype, model_args.attn_implementation,
+                                model_args.model_revision)
+        tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision)
+    except (RecipeError, ModelNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
     model = upcycle(source, mla)
     save_mla_checkpoint(model, tokenizer, out_args.output, source.config,
                         extra={"source": model_args.model_name_or_path, "mla_arguments": asdict(mla)})

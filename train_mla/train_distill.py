@@ -1,0 +1,181 @@
+"""Stage 1: upcycle a Llama-family student to MLA and distil it end to end from a frozen teacher.
+
+    ACCELERATE_LOG_LEVEL=info accelerate launch --config_file deepspeed_zero3.yaml \
+        train_mla/train_distill.py llama3.2_1B/mla_kv_rank_64_8bt.yaml [--key value ...]
+
+Output directory: `upcycled/` (the MLA model right after SVD init), `checkpoint-N/` (resumable), and at the
+end a ready-to-load 16-bit model (safetensors, config with per-layer ranks, tokenizer, chat template,
+kv_cache.json). A run whose output directory holds checkpoints resumes from the last one.
+"""
+
+import json
+import logging
+import shutil
+import sys
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file (accelerate launch train_mla/train_distill.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+
+from train_mla.arguments import DataArguments, DistillConfig, MLAArguments, ModelArguments
+from train_mla.recipe import RecipeError, parse_recipe
+
+logger = logging.getLogger("train_mla")
+KNOWN_RUN_ENTRIES = {"upcycled", "runs", "train.log"}
+
+
+def resume_point(args) -> str | None:
+    """The checkpoint to resume from, or None for a fresh start; refuses to clobber a finished run."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if args.resume_from_checkpoint:
+        if not Path(args.resume_from_checkpoint).is_dir():
+            raise RecipeError(f"resume_from_checkpoint={args.resume_from_checkpoint!r} is not a directory")
+        return args.resume_from_checkpoint
+    out = Path(args.output_dir)
+    if not out.is_dir() or not any(out.iterdir()) or args.overwrite_output_dir:
+        return None
+    last = get_last_checkpoint(str(out))
+    if last is not None:
+        return last
+    if (out / "config.json").exists():
+        raise RecipeError(f"output_dir {str(out)!r} holds a finished model; choose another output_dir "
+                          "or set overwrite_output_dir: true")
+    unknown = sorted(p.name for p in out.iterdir() if p.name not in KNOWN_RUN_ENTRIES)
+    if unknown:
+        raise RecipeError(f"output_dir {str(out)!r} is not empty ({', '.join(unknown[:5])}); choose another "
+                          "output_dir or set overwrite_output_dir: true")
+    return None
+
+
+@contextmanager
+def full_weights_here(args):
+    """Load a model whole on this process even when DeepSpeed ZeRO-3 would shard it at load time."""
+    from transformers.integrations.deepspeed import (
+        is_deepspeed_zero3_enabled,
+        set_hf_deepspeed_config,
+        unset_hf_deepspeed_config,
+    )
+
+    zero3 = is_deepspeed_zero3_enabled()
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if zero3:
+            if getattr(args, "hf_deepspeed_config", None) is not None:
+                set_hf_deepspeed_config(args.hf_deepspeed_config)
+            else:
+                args.deepspeed_plugin.set_deepspeed_weakref()
+
+
+def check_same_vocabulary(student_tok, teacher_tok, student_name, teacher_name):
+    s, t = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if s != t:
+        diff = sorted(set(s.items()) ^ set(t.items()))[:5]
+        raise RecipeError(f"student {student_name!r} ({len(s)} tokens) and teacher {teacher_name!r} ({len(t)} tokens) "
+                          f"do not share a vocabulary (first differences: {diff}); distillation needs the same one.")
+
+
+def build_student(model_args, mla_args, args, tokenizer):
+    """MLA student: continued from an MLA checkpoint, or upcycled once (main process) into output_dir/upcycled."""
+    from train_mla.model_loading import dtype_of, is_mla_checkpoint, load_causal_lm
+    from train_mla.modeling_llama_mla import LlamaMLAForCausalLM
+    from train_mla.upcycle import save_mla_checkpoint, upcycle
+
+    source = model_args.model_name_or_path
+    if is_mla_checkpoint(source):
+        logger.info(f"Continuing from the MLA checkpoint {source}")
+        path = source
+    else:
+        path = str(Path(args.output_dir) / "upcycled")
+        with args.main_process_first(desc="upcycle"):
+            if not (Path(path) / "config.json").exists():
+                with full_weights_here(args):
+                    llama = load_causal_lm(source, "float32", model_args.attn_implementation, model_args.model_revision)
+                    mla = upcycle(llama, mla_args, log=logger.info)
+                    mla.to(dtype_of(model_args.torch_dtype))
+                    save_mla_checkpoint(mla, tokenizer, path, llama.config,
+                                        extra={"source": source, "mla_arguments": asdict(mla_args)})
+                    del llama, mla
+            else:
+                logger.info(f"Reusing the upcycled model in {path}")
+    model = LlamaMLAForCausalLM.from_pretrained(path, dtype=dtype_of(model_args.torch_dtype),
+                                                attn_implementation=model_args.attn_implementation)
+    return model, path
+
+
+def main(argv=None):
+    defaults = {} if torch.cuda.is_available() else {"ddp_backend": "gloo"}  # DeepSpeed/DDP on CPU need gloo
+    try:
+        model_args, mla_args, data_args, args = parse_recipe(
+            (ModelArguments, MLAArguments, DataArguments, DistillConfig), argv, defaults=defaults,
+            description="Stage 1: MLA upcycling + end-to-end KL distillation.")
+        checkpoint = resume_point(args)
+    except RecipeError as e:
+        raise SystemExit(f"error: {e}") from None
+
+    import transformers
+    from transformers import set_seed
+
+    import train_mla  # noqa: F401  (Auto registration)
+    from train_mla.data import PackedCollator, prepare_lm_dataset
+    from train_mla.distill_trainer import DistillTrainer
+    from train_mla.kv_cache_size import format_kv_table
+    from train_mla.model_loading import is_mla_checkpoint, load_causal_lm, load_tokenizer
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
+                        handlers=[logging.StreamHandler(sys.stdout)])
+    logger.setLevel(args.get_process_log_level())
+    transformers.utils.logging.set_verbosity(args.get_process_log_level())
+    set_seed(args.seed)
+    args.remove_unused_columns = False
+
+    # -- cheap checks before anything heavy: tokenizers and the teacher's vocabulary
+    tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision, data_args.chat_template)
+    teacher_name = args.teacher_model_name_or_path
+    if teacher_name is None:
+        if is_mla_checkpoint(model_args.model_name_or_path):
+            raise SystemExit("error: teacher_model_name_or_path is required when continuing from an MLA checkpoint")
+        teacher_name = model_args.model_name_or_path
+    check_same_vocabulary(tokenizer, load_tokenizer(teacher_name), model_args.model_name_or_path, teacher_name)
+
+    with args.main_process_first(desc="tokenise"):
+        data = prepare_lm_dataset(data_args, tokenizer, seed=args.seed, log=logger.info)
+    if checkpoint:
+        logger.info(f"Resuming from {checkpoint}")
+
+    student, student_dir = build_student(model_args, mla_args, args, tokenizer)
+    if args.freeze_non_mla:
+        for name, p in student.named_parameters():
+            p.requires_grad_(".self_attn." in name and int(name.split(".")[2]) in student.config.mla_layer_ids)
+    teacher = load_causal_lm(teacher_name, model_args.torch_dtype, model_args.attn_implementation,
+                             model_args.model_revision)
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise SystemExit(f"error: teacher vocab_size {teacher.config.vocab_size} != student {student.config.vocab_size}")
+
+    trainer = DistillTrainer(
+        model=student, teacher=teacher, args=args, train_dataset=data["train"],
+        eval_dataset=data["test"] if "test" in data and args.eval_strategy != "no" else None,
+        data_collator=PackedCollator(tokenizer.pad_token_id, with_attention_mask=not data_args.packing),
+        processing_class=tokenizer,
+    )
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    trainer.save_model(args.output_dir)  # gathers the full 16-bit weights from ZeRO-3 shards
+    if trainer.is_world_process_zero():
+        record = Path(student_dir, "kv_cache.json")  # written by the upcycling from the real source config
+        if record.is_file():
+            shutil.copy(record, Path(args.output_dir, "kv_cache.json"))
+            logger.info("KV cache per token:\n" + format_kv_table(json.loads(record.read_text())))
+        logger.info(f"Saved the distilled MLA model to {args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()
