@@ -49,3 +49,53 @@ def tiny_llama(seed=0, dtype=torch.float32, attn="sdpa", **overrides):
 @pytest.fixture
 def tmp_out(tmp_path):
     return tmp_path / "out"
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def synthetic_sentences(n, seed=0):
+    import random
+
+    rng = random.Random(seed)
+    subj = ["the cat", "a dog", "the bird", "my friend", "the old man", "a small girl"]
+    verb = ["sees", "likes", "finds", "takes", "wants", "loves"]
+    obj = ["the ball", "a red apple", "the big tree", "some water", "the blue car", "a little book"]
+    return [f"{rng.choice(subj)} {rng.choice(verb)} {rng.choice(obj)}." for _ in range(n)]
+
+
+def make_tiny_checkpoint(path, seed=0, **overrides):
+    """A tiny random Llama with a real (trained BPE) tokenizer and a ChatML template, saved to `path`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<pad>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = synthetic_sentences(400) + ["user assistant system hello question answer"] * 5
+    tok.train_from_iterator(corpus, trainer)
+    from tokenizers import decoders
+
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+    fast.chat_template = CHATML
+    model = tiny_llama(seed=seed, vocab_size=len(fast), pad_token_id=fast.pad_token_id,
+                       bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, **overrides)
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def make_chat_data(path, n=64, seed=0):
+    import json
+
+    sents = synthetic_sentences(2 * n, seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"messages": [{"role": "user", "content": sents[2 * i]},
+                                             {"role": "assistant", "content": sents[2 * i + 1]}]}) + "\n")
+    return path

@@ -181,3 +181,29 @@ def refuse_existing_output(path: str | Path, overwrite: bool) -> None:
     if p.is_dir() and any(p.iterdir()) and not overwrite:
         raise RecipeError(f"output directory {str(p)!r} exists and is not empty; choose another one.")
 
+
+KNOWN_RUN_ENTRIES = {"upcycled", "runs", "train.log"}  # written before the first checkpoint
+
+
+def resume_point(args) -> str | None:
+    """The checkpoint to resume from, or None for a fresh start; refuses to clobber a finished run."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if args.resume_from_checkpoint:
+        if not Path(args.resume_from_checkpoint).is_dir():
+            raise RecipeError(f"resume_from_checkpoint={args.resume_from_checkpoint!r} is not a directory")
+        return args.resume_from_checkpoint
+    out = Path(args.output_dir)
+    if not out.is_dir() or not any(out.iterdir()) or args.overwrite_output_dir:
+        return None
+    if (out / "config.json").exists():
+        raise RecipeError(f"output_dir {str(out)!r} holds a finished model; choose another output_dir "
+                          "or set overwrite_output_dir: true")
+    last = get_last_checkpoint(str(out))
+    if last is not None:
+        return last
+    unknown = sorted(p.name for p in out.iterdir() if p.name not in KNOWN_RUN_ENTRIES)
+    if unknown:
+        raise RecipeError(f"output_dir {str(out)!r} is not empty ({', '.join(unknown[:5])}); choose another "
+                          "output_dir or set overwrite_output_dir: true")
+    return None

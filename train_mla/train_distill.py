@@ -10,6 +10,7 @@ kv_cache.json). A run whose output directory holds checkpoints resumes from the 
 
 import json
 import logging
+import os
 import shutil
 import sys
 from contextlib import contextmanager
@@ -22,34 +23,9 @@ if __package__ in (None, ""):  # run as a file (accelerate launch train_mla/trai
 import torch
 
 from train_mla.arguments import DataArguments, DistillConfig, MLAArguments, ModelArguments
-from train_mla.recipe import RecipeError, parse_recipe
+from train_mla.recipe import RecipeError, parse_recipe, resume_point
 
 logger = logging.getLogger("train_mla")
-KNOWN_RUN_ENTRIES = {"upcycled", "runs", "train.log"}
-
-
-def resume_point(args) -> str | None:
-    """The checkpoint to resume from, or None for a fresh start; refuses to clobber a finished run."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    if args.resume_from_checkpoint:
-        if not Path(args.resume_from_checkpoint).is_dir():
-            raise RecipeError(f"resume_from_checkpoint={args.resume_from_checkpoint!r} is not a directory")
-        return args.resume_from_checkpoint
-    out = Path(args.output_dir)
-    if not out.is_dir() or not any(out.iterdir()) or args.overwrite_output_dir:
-        return None
-    last = get_last_checkpoint(str(out))
-    if last is not None:
-        return last
-    if (out / "config.json").exists():
-        raise RecipeError(f"output_dir {str(out)!r} holds a finished model; choose another output_dir "
-                          "or set overwrite_output_dir: true")
-    unknown = sorted(p.name for p in out.iterdir() if p.name not in KNOWN_RUN_ENTRIES)
-    if unknown:
-        raise RecipeError(f"output_dir {str(out)!r} is not empty ({', '.join(unknown[:5])}); choose another "
-                          "output_dir or set overwrite_output_dir: true")
-    return None
 
 
 @contextmanager
@@ -110,7 +86,8 @@ def build_student(model_args, mla_args, args, tokenizer):
 
 
 def main(argv=None):
-    defaults = {} if torch.cuda.is_available() else {"ddp_backend": "gloo"}  # DeepSpeed/DDP on CPU need gloo
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    defaults = {"ddp_backend": "gloo"} if distributed and not torch.cuda.is_available() else {}  # no NCCL on CPU
     try:
         model_args, mla_args, data_args, args = parse_recipe(
             (ModelArguments, MLAArguments, DataArguments, DistillConfig), argv, defaults=defaults,

@@ -1,0 +1,113 @@
+"""Stage 2: DPO of the distilled MLA model with trl's DPOTrainer; the reference model is the stage-1 checkpoint.
+
+    ACCELERATE_LOG_LEVEL=info accelerate launch --config_file deepspeed_zero3.yaml \
+        train_mla/train_dpo.py llama3.2_1B/dpo.yaml [--key value ...]
+
+Preference rows: `prompt`/`chosen`/`rejected` (strings or chat messages), or `chosen`/`rejected` holding whole
+dialogues with a shared prefix (the prompt is then extracted, e.g. HH-RLHF). The output is a loadable MLA model.
+"""
+
+import json
+import logging
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file (accelerate launch train_mla/train_dpo.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from trl import DPOConfig
+
+from train_mla.arguments import ModelArguments
+from train_mla.recipe import RecipeError, parse_recipe, resume_point
+
+logger = logging.getLogger("train_mla")
+
+
+@dataclass
+class PreferenceDataArguments:
+    """Preference data: a mixture of hub datasets and local files with chosen/rejected pairs."""
+
+    dataset_mixer: dict = field(metadata={"help": "{source: fraction}: hub ids or local .json/.jsonl(.gz)/.parquet files."})
+    dataset_splits: list[str] = field(default_factory=lambda: ["train_prefs", "test_prefs"], metadata={
+        "help": "Splits to read; names containing 'train' train, 'test' evaluate."})
+    test_split_size: float = field(default=0.0, metadata={"help": "Hold out this share when there is no test split."})
+    chat_template: str | None = field(default=None, metadata={"help": "Replace the checkpoint's chat template."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training pairs."})
+
+    def __post_init__(self):
+        for name, frac in (self.dataset_mixer or {}).items():
+            if not isinstance(frac, (int, float)) or isinstance(frac, bool) or not 0 < frac <= 1:
+                raise ValueError(f"dataset_mixer[{name!r}]={frac!r}: fractions must be numbers in (0, 1]")
+        if not self.dataset_mixer:
+            raise ValueError("dataset_mixer is empty: give at least one {source: fraction}")
+
+
+@dataclass
+class DPOArguments(DPOConfig):
+    """trl's DPOConfig (beta, max_length, truncation_mode, loss_type, ...) plus the output-directory policy."""
+
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Start afresh in a non-empty output_dir (otherwise an existing run is resumed, a finished one refused)."})
+
+
+def main(argv=None):
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    defaults = {"ddp_backend": "gloo"} if distributed and not torch.cuda.is_available() else {}
+    try:
+        model_args, data_args, args = parse_recipe((ModelArguments, PreferenceDataArguments, DPOArguments), argv,
+                                                   defaults=defaults, description="Stage 2: DPO of an MLA model.")
+        checkpoint = resume_point(args)
+    except RecipeError as e:
+        raise SystemExit(f"error: {e}") from None
+
+    import transformers
+    from transformers import set_seed
+    from trl import DPOTrainer
+
+    import train_mla  # noqa: F401  (Auto registration)
+    from train_mla.data import mix_datasets
+    from train_mla.model_loading import load_causal_lm, load_tokenizer, resolve
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
+                        handlers=[logging.StreamHandler(sys.stdout)])
+    logger.setLevel(args.get_process_log_level())
+    transformers.utils.logging.set_verbosity(args.get_process_log_level())
+    set_seed(args.seed)
+
+    tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision, data_args.chat_template)
+    with args.main_process_first(desc="load preference data"):
+        data = mix_datasets(data_args.dataset_mixer, data_args.dataset_splits, data_args.test_split_size, args.seed,
+                            columns=("prompt", "chosen", "rejected"))
+    train = data["train"]
+    if data_args.max_train_samples is not None:
+        train = train.select(range(min(len(train), data_args.max_train_samples)))
+
+    def load():
+        return load_causal_lm(model_args.model_name_or_path, model_args.torch_dtype, model_args.attn_implementation,
+                              model_args.model_revision)
+
+    policy, reference = load(), load()  # the reference is a frozen copy of the stage-1 checkpoint
+    if checkpoint:
+        logger.info(f"Resuming from {checkpoint}")
+    trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=train,
+                         eval_dataset=data["test"] if "test" in data and args.eval_strategy != "no" else None,
+                         processing_class=tokenizer)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        where, _ = resolve(model_args.model_name_or_path)
+        record = Path(where, "kv_cache.json")
+        if record.is_file():
+            shutil.copy(record, Path(args.output_dir, "kv_cache.json"))
+        logger.info(f"Saved the DPO model to {args.output_dir}: {json.dumps(result.metrics)}")
+
+
+if __name__ == "__main__":
+    main()
