@@ -7,6 +7,7 @@ and again in the backward.
 """
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
@@ -45,9 +46,15 @@ def distill_loss(student_hidden, teacher_hidden, student_head, teacher_head, lab
     tgt = targets.reshape(-1)[idx]  # [N]
     n_kl, n_ce = idx.numel(), int((tgt != -100).sum())
 
+    n_chunks = -(-n_kl // chunk_size)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # ZeRO-3 gathers the head weights at every call: all ranks must make the same number of calls
+        count = torch.tensor([n_chunks], device=student_hidden.device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        n_chunks = int(count.item())
     kl_sum = ce_sum = _upcast(student_hidden.new_zeros(()))
-    for start in range(0, n_kl, chunk_size):
-        sl = slice(start, start + chunk_size)
+    for c in range(n_chunks):  # chunks past this rank's tokens are empty but still call the heads
+        sl = slice(c * chunk_size, (c + 1) * chunk_size)
         args = (s[sl], t[sl] if t is not None else None, tgt[sl], student_head, teacher_head, temperature, bool(kl_weight))
         if torch.is_grad_enabled() and s.requires_grad:
             kl, ce = checkpoint(_chunk_terms, *args, use_reentrant=False)  # chunk logits are recomputed in backward

@@ -2,7 +2,7 @@
 
 Both models run their decoder only; logits and the loss are produced chunk by chunk (`distill_loss`). Under
 DeepSpeed ZeRO-3 the teacher is sharded like the student (trl's `prepare_deepspeed`), so an 8B teacher fits
-beside a 1B student. Logged: loss, kl, ce, learning rate, grad norm and tokens per second per device.
+beside a 1B student. Logged (averaged over processes): loss, kl, ce, learning rate, grad norm, tokens/s/device.
 """
 
 import time
@@ -60,10 +60,12 @@ class DistillTrainer(Trainer):
 
     def log(self, logs, start_time=None):
         w = self._window
-        if "loss" in logs and w["n"]:
+        if "loss" in logs and w["n"]:  # training logs: every process gets here, so the sums can be reduced
             now = time.perf_counter()
-            logs["kl"] = round(w["kl"] / w["n"], 5)
-            logs["ce"] = round(w["ce"] / w["n"], 5)
-            logs["tokens_per_second_per_device"] = round(w["tokens"] / max(now - w["t0"], 1e-9), 1)
+            sums = torch.tensor([w["kl"], w["ce"], w["n"], w["tokens"]], dtype=torch.float64, device=self.args.device)
+            kl, ce, n, tokens = self.accelerator.reduce(sums, reduction="sum").tolist()
+            logs["kl"] = round(kl / n, 5)
+            logs["ce"] = round(ce / n, 5)
+            logs["tokens_per_second_per_device"] = round(tokens / self.accelerator.num_processes / (now - w["t0"]), 1)
             self._window = {"kl": 0.0, "ce": 0.0, "n": 0, "tokens": 0, "t0": now}
         super().log(logs, start_time)
