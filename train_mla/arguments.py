@@ -58,9 +58,10 @@ class DataArguments:
     """Training data: a mixture of hub datasets and local files, tokenised and (optionally) packed."""
 
     dataset_mixer: dict = field(metadata={"help": "{source: fraction}: hub ids, local .json/.jsonl/.parquet/.csv/.txt "
-                                          "files or directories, each with the share of its training rows to use."})
+                                          "files or directories, each with the share of its training rows to use. A local "
+                                          "file whose name contains 'test' or 'valid' is evaluation data."})
     dataset_splits: list[str] = field(default_factory=lambda: ["train", "test"], metadata={
-        "help": "Splits to read from hub datasets and directories; names containing 'train' train, 'test' evaluate."})
+        "help": "Splits to read from hub datasets and directories; names containing 'train' train, 'test' or 'valid' evaluate."})
     test_split_size: float = field(default=0.0, metadata={
         "help": "When no test split exists, hold out this share of the training rows for evaluation."})
     chat_template: str | None = field(default=None, metadata={"help": "Jinja chat template that replaces the tokenizer's."})

@@ -27,8 +27,9 @@ def load_source(source: str, splits: list[str]) -> dict:
         builder = FILE_BUILDERS.get(path.suffix)
         if builder is None:
             raise ValueError(f"dataset file {source!r}: unsupported extension (use one of {sorted(FILE_BUILDERS)})")
-        extra = {"sample_by": "paragraph"} if builder == "text" else {}
-        return {"train": load_dataset(builder, data_files=str(path), split="train", **extra)}
+        extra = {"sample_by": "paragraph"} if builder == "text" else {}  # .txt: one document per paragraph
+        split = "test" if any(w in path.name for w in ("test", "valid")) else "train"  # e.g. chat_test.jsonl
+        return {split: load_dataset(builder, data_files=str(path), split="train", **extra)}
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
             loaded = load_from_disk(str(path))
@@ -70,7 +71,7 @@ def mix_datasets(mixer: dict, splits: list[str], test_split_size: float = 0.0, s
                     raise ValueError(f"dataset {source!r} split {split!r} has none of the columns {columns} "
                                      f"(it has {ds.column_names})")
                 ds = ds.select_columns(keep)
-            if "test" in split:
+            if "test" in split or "valid" in split:
                 test.append(ds)
             elif "train" in split:
                 ds = ds.shuffle(seed=seed)
