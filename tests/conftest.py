@@ -25,7 +25,7 @@ def tiny_llama_config(**overrides):
     from transformers import LlamaConfig
 
     kw = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
+              num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
               pad_token_id=0, bos_token_id=1, eos_token_id=2)
     kw.update(overrides)
     return LlamaConfig(**kw)

