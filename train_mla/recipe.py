@@ -31,7 +31,8 @@ def _coerce(key: str, value, tp):
                 return _coerce(key, value, a)
             except RecipeError:
                 continue
-        raise RecipeError(f"recipe key '{key}': {value!r} is not a valid {_name(tp)}")
+        hint = " (YAML reads yes/no/on/off as booleans: quote the word)" if isinstance(value, bool) else ""
+        raise RecipeError(f"recipe key '{key}': {value!r} is not a valid {_name(tp)}{hint}")
     if origin is typing.Literal:
         if value in args:
             return value
@@ -98,8 +99,16 @@ def _parse_overrides(tokens: list[str]) -> dict:
         else:
             key, raw = tok[2:], "true"
             i += 1
-        out[key] = yaml.safe_load(raw) if raw != "" else ""
+        out[key] = _RawCLI(raw)
     return out
+
+
+class _RawCLI(str):
+    """A command-line value: read as YAML (numbers, lists, booleans), or kept as the literal text when the
+    field wants a string (so `--eval_strategy no` stays "no")."""
+
+    def parsed(self):
+        return yaml.safe_load(self) if self != "" else ""
 
 
 def _help(types_, prog, description) -> str:
@@ -149,7 +158,14 @@ def parse_recipe(types_, argv=None, *, prog=None, description="", ignore_unknown
             near = difflib.get_close_matches(key, list(owners), n=1)
             raise RecipeError(f"unknown recipe key '{key}' in {source}" + (f" (did you mean '{near[0]}'?)" if near else ""))
         cls, (tp, _) = owners[key]
-        per_class[cls][key] = _coerce(key, value, tp)
+        if isinstance(value, _RawCLI):
+            try:
+                value = _coerce(key, value.parsed(), tp)
+            except RecipeError:
+                value = _coerce(key, str(value), tp)
+            per_class[cls][key] = value
+        else:
+            per_class[cls][key] = _coerce(key, value, tp)
     out = []
     for cls in types_:
         missing = [n for n, (_, f) in _fields(cls).items() if f.default is dataclasses.MISSING
