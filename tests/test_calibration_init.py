@@ -1,0 +1,90 @@
+"""Activation-aware and PCA-shared-key initialisation (issue: keep the upcycled model alive)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import make_tiny_checkpoint, synthetic_sentences, tiny_llama
+from train_mla.arguments import MLAArguments
+from train_mla.upcycle import head_rows, upcycle
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("calib")
+    make_tiny_checkpoint(root / "model")
+    (root / "calib.txt").write_text("\n\n".join(" ".join(synthetic_sentences(30, seed=i)) for i in range(8)))
+    model = AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.float64).eval()
+    return model, AutoTokenizer.from_pretrained(root / "model"), root
+
+
+def _args(root, **kw):
+    base = dict(q_lora_rank=64, kv_lora_rank=64, qk_rope_head_dim=8, init_method="activation", shared_rope_key="pca",
+                kv_balance=True, calibration_dataset=str(root / "calib.txt"), calibration_samples=4,
+                calibration_seq_length=32)
+    return MLAArguments(**{**base, **kw})
+
+
+def test_activation_aware_full_rank_reproduces_the_projections(tiny):
+    src, tok, root = tiny
+    m = upcycle(src, _args(root, shared_rope_key="mean"), log=lambda *_: None, tokenizer=tok)
+    nope, rope = head_rows(16, 8, "keep_pairs", m.config.rope_freq_indices)
+    for i in range(3):
+        s, a = src.model.layers[i].self_attn, m.model.layers[i].self_attn
+        Wq = s.q_proj.weight.view(4, 16, 64)
+        torch.testing.assert_close((a.q_b_proj.weight @ a.q_a_proj.weight).view(4, 16, 64),
+                                   torch.cat([Wq[:, nope], Wq[:, rope]], 1), atol=1e-7, rtol=0)
+        kv = (a.kv_b_proj.weight @ a.kv_a_proj_with_mqa.weight[:64]).view(4, 24, 64)
+        Wk = s.k_proj.weight.view(2, 16, 64).repeat_interleave(2, 0)
+        Wv = s.v_proj.weight.view(2, 16, 64).repeat_interleave(2, 0)
+        torch.testing.assert_close(kv[:, :8], Wk[:, nope], atol=1e-7, rtol=0)  # balancing is undone exactly
+        torch.testing.assert_close(kv[:, 8:], Wv, atol=1e-7, rtol=0)
+
+
+def test_activation_aware_beats_plain_svd_on_calibration_like_data(tiny):
+    src, tok, root = tiny
+    x = tok(" ".join(synthetic_sentences(40, seed=99)), return_tensors="pt")["input_ids"][:, :128]
+    with torch.no_grad():
+        ref = src(x).logits.log_softmax(-1)
+
+        def kl(model):
+            return (ref.exp() * (ref - model(x).logits.log_softmax(-1))).sum(-1).mean().item()
+
+        plain = upcycle(src, _args(root, q_lora_rank=8, kv_lora_rank=6, init_method="svd", shared_rope_key="mean",
+                                   kv_balance=False), log=lambda *_: None, tokenizer=tok)
+        aware = upcycle(src, _args(root, q_lora_rank=8, kv_lora_rank=6), log=lambda *_: None, tokenizer=tok)
+        assert kl(aware) < kl(plain)
+
+
+def test_pca_shared_key_is_exact_when_the_heads_keys_are_proportional():
+    """Per frequency pair, the rotation across KV heads keeps every RoPE dot product when one direction holds all
+    the key energy; the head average (the paper) does not."""
+    src = tiny_llama(dtype=torch.float64)
+    with torch.no_grad():
+        for layer in src.model.layers:
+            K = layer.self_attn.k_proj.weight.view(2, 16, 64)
+            K[1] = -2.5 * K[0]  # second KV head's keys = a multiple of the first's
+    x = torch.randint(3, 97, (2, 30))
+    exact = dict(q_lora_rank=64, kv_lora_rank=64, qk_rope_head_dim=16)  # every pair is RoPE, full ranks
+    pca = upcycle(src, MLAArguments(**exact, shared_rope_key="pca"), log=lambda *_: None)
+    mean = upcycle(src, MLAArguments(**exact, shared_rope_key="mean"), log=lambda *_: None)
+    with torch.no_grad():
+        want = src(x).logits
+        torch.testing.assert_close(pca(x).logits, want, atol=1e-8, rtol=0)
+        assert (mean(x).logits - want).abs().max() > 1e-2
+
+
+def test_initialisation_is_deterministic(tiny):
+    src, tok, root = tiny
+    a = upcycle(src, _args(root, q_lora_rank=16, kv_lora_rank=8), log=lambda *_: None, tokenizer=tok).state_dict()
+    b = upcycle(src, _args(root, q_lora_rank=16, kv_lora_rank=8), log=lambda *_: None, tokenizer=tok).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_calibration_without_data_is_a_clear_error(tiny, tmp_path):
+    src, tok, root = tiny
+    with pytest.raises(ValueError, match="calibration_dataset"):
+        MLAArguments(init_method="activation")
+    (tmp_path / "empty.txt").write_text("hi")
+    with pytest.raises(ValueError, match="fewer than one block"):
+        upcycle(src, _args(root, calibration_dataset=str(tmp_path / "empty.txt")), log=lambda *_: None, tokenizer=tok)
