@@ -66,7 +66,7 @@ pids=(); names=(); logs=(); failed=0
 run_one() {  # $1 checkpoint, $2 GPU index or ""
   local extra=(); [ -n "$LIMIT" ] && extra+=(--limit "$LIMIT")
   local dev=$DEVICE; [ -n "$2" ] && dev=cuda
-  (cd "$repo" && CUDA_VISIBLE_DEVICES=${2:-${CUDA_VISIBLE_DEVICES:-}} $PY -m train_mla.evaluate "$1" --tasks "$TASKS" \
+  (cd "$repo" && { [ -n "$2" ] && export CUDA_VISIBLE_DEVICES=$2; true; } && $PY -m train_mla.evaluate "$1" --tasks "$TASKS" \
      --num_fewshot "$NUM_FEWSHOT" --batch_size "$BATCH_SIZE" --device "$dev" --dtype "$DTYPE" "${extra[@]}")
 }
 slots=$([ "$DEVICE" != cpu ] && [ "$ngpu" -gt 1 ] && echo "$ngpu" || echo 1)

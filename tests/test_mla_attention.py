@@ -85,7 +85,7 @@ def test_cache_holds_only_latent_and_rope_key():
 
 def test_bf16_forward_and_gradient_checkpointing_train():
     model = _model("naive").to(torch.bfloat16).train()
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     ids = torch.randint(3, 97, (2, 9))
     loss = model(ids, labels=ids).loss
     loss.backward()

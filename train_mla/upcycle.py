@@ -95,9 +95,9 @@ def upcycle_layer(attn, cfg: LlamaMLAConfig, layer_idx: int, mla: MLAArguments, 
     C = input_moment.double() if input_moment is not None else torch.eye(D, dtype=torch.float64)
     L = sqrt_psd(C) if mla.init_method == "activation" else None
     out = LayerFactors()
-    Wq = attn.q_proj.weight.detach().double().view(H, hd, D)
-    Wk = attn.k_proj.weight.detach().double().view(G, hd, D)
-    Wv = attn.v_proj.weight.detach().double().view(G, hd, D)
+    Wq = attn.q_proj.weight.detach().to("cpu", torch.float64).view(H, hd, D)  # the SVDs run on svd_kw's device
+    Wk = attn.k_proj.weight.detach().to("cpu", torch.float64).view(G, hd, D)
+    Wv = attn.v_proj.weight.detach().to("cpu", torch.float64).view(G, hd, D)
 
     # ---- shared RoPE key [d_r, D], and a per-head scale of the query's RoPE rows
     K_pe = Wk[:, rope]  # [G, d_r, D]
