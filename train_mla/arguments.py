@@ -29,6 +29,9 @@ class MLAArguments:
     v_head_dim: int | None = field(default=None, metadata={"help": "Per-head value dims; null = head_dim."})
     use_lora_layer_norm: bool = field(default=False, metadata={"help": "RMSNorm on the q and kv latents (DeepSeek-V3 layout)."})
     mla_layers: list[int] | None = field(default=None, metadata={"help": "Layers to convert; null = all. Others stay GQA."})
+    rope_freq_indices: list[int] | None = field(default=None, metadata={
+        "help": "keep_pairs: which of the source's head_dim/2 RoPE frequencies the shared key keeps; null = every "
+                "(head_dim / qk_rope_head_dim)-th one."})
     q_energy_ratio: float | None = field(default=None, metadata={"help": "Dynamic query rank: keep this share of singular-value energy."})
     kv_energy_ratio: float | None = field(default=None, metadata={"help": "Dynamic KV rank: keep this share of singular-value energy."})
     rank_multiple: int = field(default=8, metadata={"help": "Dynamic ranks are rounded up to a multiple of this."})
@@ -111,6 +114,8 @@ class DistillConfig(TrainingArguments):
     loss_chunk_size: int = field(default=1024, metadata={
         "help": "Tokens per chunk when computing logits and loss, so full [tokens, vocab] tensors never exist."})
     freeze_non_mla: bool = field(default=False, metadata={"help": "Train only the MLA attention projections."})
+    export_deepseek_dir: str | None = field(default=None, metadata={
+        "help": "After training, also write a stock DeepSeek-V3 checkpoint here (python -m train_mla.export_deepseek)."})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Start afresh in a non-empty output_dir (otherwise an existing run is resumed, a finished one refused)."})
 

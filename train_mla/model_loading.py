@@ -6,6 +6,7 @@ Offline machines get a clear error within seconds instead of a long retry loop.
 import importlib.util
 import os
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -136,3 +137,23 @@ def is_mla_checkpoint(name_or_path: str) -> bool:
 
     return AutoConfig.from_pretrained(where).model_type == "llama_mla"
 
+
+@contextmanager
+def full_weights_here(args):
+    """Load a model whole on this process even when DeepSpeed ZeRO-3 would shard it at load time."""
+    from transformers.integrations.deepspeed import (
+        is_deepspeed_zero3_enabled,
+        set_hf_deepspeed_config,
+        unset_hf_deepspeed_config,
+    )
+
+    zero3 = is_deepspeed_zero3_enabled()
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if zero3:
+            if getattr(args, "hf_deepspeed_config", None) is not None:
+                set_hf_deepspeed_config(args.hf_deepspeed_config)
+            else:
+                args.deepspeed_plugin.set_deepspeed_weakref()

@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import sys
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,27 +27,6 @@ from train_mla.recipe import RecipeError, parse_recipe, resume_point
 logger = logging.getLogger("train_mla")
 
 
-@contextmanager
-def full_weights_here(args):
-    """Load a model whole on this process even when DeepSpeed ZeRO-3 would shard it at load time."""
-    from transformers.integrations.deepspeed import (
-        is_deepspeed_zero3_enabled,
-        set_hf_deepspeed_config,
-        unset_hf_deepspeed_config,
-    )
-
-    zero3 = is_deepspeed_zero3_enabled()
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        if zero3:
-            if getattr(args, "hf_deepspeed_config", None) is not None:
-                set_hf_deepspeed_config(args.hf_deepspeed_config)
-            else:
-                args.deepspeed_plugin.set_deepspeed_weakref()
-
-
 def check_same_vocabulary(student_tok, teacher_tok, student_name, teacher_name):
     s, t = student_tok.get_vocab(), teacher_tok.get_vocab()
     if s != t:
@@ -59,7 +37,7 @@ def check_same_vocabulary(student_tok, teacher_tok, student_name, teacher_name):
 
 def build_student(model_args, mla_args, args, tokenizer):
     """MLA student: continued from an MLA checkpoint, or upcycled once (main process) into output_dir/upcycled."""
-    from train_mla.model_loading import dtype_of, is_mla_checkpoint, load_causal_lm
+    from train_mla.model_loading import dtype_of, full_weights_here, is_mla_checkpoint, load_causal_lm
     from train_mla.modeling_llama_mla import LlamaMLAForCausalLM
     from train_mla.upcycle import save_mla_checkpoint, upcycle
 
@@ -103,7 +81,7 @@ def main(argv=None):
     from train_mla.data import PackedCollator, prepare_lm_dataset
     from train_mla.distill_trainer import DistillTrainer
     from train_mla.kv_cache_size import format_kv_table
-    from train_mla.model_loading import is_mla_checkpoint, load_causal_lm, load_tokenizer
+    from train_mla.model_loading import full_weights_here, is_mla_checkpoint, load_causal_lm, load_tokenizer
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
                         handlers=[logging.StreamHandler(sys.stdout)])
@@ -152,6 +130,12 @@ def main(argv=None):
             shutil.copy(record, Path(args.output_dir, "kv_cache.json"))
             logger.info("KV cache per token:\n" + format_kv_table(json.loads(record.read_text())))
         logger.info(f"Saved the distilled MLA model to {args.output_dir}")
+        if args.export_deepseek_dir:
+            from train_mla.export_deepseek import export_checkpoint
+
+            with full_weights_here(args):  # reload the gathered 16-bit model, whole, on this process
+                export_checkpoint(args.output_dir, args.export_deepseek_dir)
+            logger.info(f"Exported a DeepSeek-V3 checkpoint to {args.export_deepseek_dir}")
 
 
 if __name__ == "__main__":

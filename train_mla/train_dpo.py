@@ -52,6 +52,8 @@ class DPOArguments(DPOConfig):
 
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Start afresh in a non-empty output_dir (otherwise an existing run is resumed, a finished one refused)."})
+    export_deepseek_dir: str | None = field(default=None, metadata={
+        "help": "After training, also write a stock DeepSeek-V3 checkpoint here (python -m train_mla.export_deepseek)."})
 
 
 def main(argv=None):
@@ -107,6 +109,13 @@ def main(argv=None):
         if record.is_file():
             shutil.copy(record, Path(args.output_dir, "kv_cache.json"))
         logger.info(f"Saved the DPO model to {args.output_dir}: {json.dumps(result.metrics)}")
+        if args.export_deepseek_dir:
+            from train_mla.export_deepseek import export_checkpoint
+            from train_mla.model_loading import full_weights_here
+
+            with full_weights_here(args):  # reload the gathered 16-bit model, whole, on this process
+                export_checkpoint(args.output_dir, args.export_deepseek_dir)
+            logger.info(f"Exported a DeepSeek-V3 checkpoint to {args.export_deepseek_dir}")
 
 
 if __name__ == "__main__":

@@ -167,7 +167,7 @@ def upcycle(source, mla: MLAArguments, log=print, tokenizer=None):
     `tokenizer` is needed only to read `calibration_dataset` (activation-aware or pca initialisation)."""
     from .modeling_llama_mla import LlamaMLAForCausalLM
 
-    cfg = build_config(source.config, mla)  # validates every MLA field before any SVD runs
+    cfg = build_config(source.config, mla, rope_freq_indices=mla.rope_freq_indices)  # validated before any SVD
     svd_device = ("cuda" if torch.cuda.is_available() else "cpu") if mla.svd_device == "auto" else mla.svd_device
     svd_kw = {"dtype": getattr(torch, mla.svd_dtype), "device": svd_device}
     dtype = next(source.parameters()).dtype
@@ -191,7 +191,7 @@ def upcycle(source, mla: MLAArguments, log=print, tokenizer=None):
         for name in ("q_proj.weight", "k_proj.weight", "v_proj.weight"):
             state.pop(prefix + name)
         state.update({prefix + k: v.to(dtype) for k, v in f.tensors.items()})
-    cfg = build_config(source.config, mla, layer_ranks)
+    cfg = build_config(source.config, mla, layer_ranks, mla.rope_freq_indices)
     cfg._attn_implementation = source.config._attn_implementation
 
     with torch.device("meta"):

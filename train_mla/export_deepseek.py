@@ -1,0 +1,125 @@
+"""Export an MLA checkpoint to the stock DeepSeek-V3 format (`DeepseekV3ForCausalLM`, dense MLPs only).
+
+    python -m train_mla.export_deepseek CKPT OUT
+
+The result loads in unmodified transformers (and engines that read DeepSeek-V3 checkpoints) with the same
+logits. What DeepSeek-V3 cannot represent exactly is refused, with the recipe setting that makes it exportable:
+latents without RMSNorm, per-layer ranks, hybrid GQA layers, biases, and a RoPE key whose frequencies are not a
+geometric series theta^(-2j/d_rope) (e.g. Llama-3's `llama3` scaling of the kept frequencies).
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from .configuration_llama_mla import LlamaMLAConfig
+
+
+class ExportError(ValueError):
+    pass
+
+
+def rope_theta_for_export(cfg: LlamaMLAConfig) -> float:
+    """The DeepSeek rope_theta reproducing the MLA key's frequencies exactly, or ExportError."""
+    from .mla_attention import MLARotaryEmbedding
+
+    inv_freq, scaling = MLARotaryEmbedding.compute_inv_freq(cfg)
+    inv = inv_freq.double()
+    half = inv.numel()
+    idx = list(cfg.rope_freq_indices)
+    step = idx[1] - idx[0] if half > 1 else 1
+    # exact in float64: the kept source frequencies base^(-2*step*j/head_dim) = theta^(-2j/d_rope)
+    theta = float(cfg.rope_parameters["rope_theta"]) ** (step * 2 * half / cfg.head_dim)
+    geometric = 1.0 / theta ** (torch.arange(0, 2 * half, 2, dtype=torch.float64) / (2 * half))
+    if scaling != 1.0 or abs(inv[0].item() - 1.0) > 1e-6 or not torch.allclose(inv, geometric, rtol=1e-5, atol=0):
+        raise ExportError(
+            f"the MLA RoPE key uses frequencies {inv[:4].tolist()}... (rope_type "
+            f"{cfg.rope_parameters.get('rope_type')}, rope_freq_indices {cfg.rope_freq_indices}), which are not "
+            "theta^(-2j/qk_rope_head_dim) for any theta: DeepSeek-V3 cannot express them. Choose rope_freq_indices "
+            "0, k, 2k, ... among frequencies the source's rope scaling leaves unchanged (for Llama-3.x, e.g. "
+            "qk_rope_head_dim: 16 with rope_freq_indices [0..7]; see llama3.2_1B/mla_kv_rank_64_8bt_exportable.yaml).")
+    return theta
+
+
+def deepseek_config(cfg: LlamaMLAConfig):
+    """A DeepseekV3Config equal in function to `cfg`, or ExportError naming what is not representable."""
+    from transformers import DeepseekV3Config
+
+    L = cfg.num_hidden_layers
+    if cfg.mla_layer_ids != set(range(L)):
+        raise ExportError(f"layers {sorted(set(range(L)) - cfg.mla_layer_ids)} stayed GQA (hybrid model): "
+                          "DeepSeek-V3 has MLA in every layer; convert all layers (mla_layers: null).")
+    ranks = {cfg.ranks(i) for i in range(L)}
+    if len(ranks) != 1:
+        raise ExportError(f"per-layer ranks {sorted(ranks, key=str)[:4]}...: DeepSeek-V3 has one q_lora_rank and one "
+                          "kv_lora_rank; use fixed ranks (no q_energy_ratio / kv_energy_ratio).")
+    if not cfg.use_lora_layer_norm:
+        raise ExportError("the latents have no RMSNorm, DeepSeek-V3 always normalises them: train with "
+                          "use_lora_layer_norm: true (e.g. smollm2_135M/mla_kv_rank_16_exportable.yaml).")
+    if cfg.attention_bias or cfg.mlp_bias:
+        raise ExportError("attention_bias / mlp_bias: DeepSeek-V3 projections have no biases.")
+    (q_rank, kv_rank), = ranks
+    theta = rope_theta_for_export(cfg)
+    return DeepseekV3Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=L, num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_attention_heads,
+        q_lora_rank=q_rank, kv_lora_rank=kv_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
+        qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, rope_interleave=cfg.rope_interleave,
+        rope_parameters={"rope_type": "default", "rope_theta": theta}, first_k_dense_replace=L,
+        hidden_act=cfg.hidden_act, max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=False, attention_bias=False, attention_dropout=cfg.attention_dropout,
+        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+        initializer_range=cfg.initializer_range, architectures=["DeepseekV3ForCausalLM"],
+    )
+
+
+def export(model, tokenizer, out_dir: str | Path) -> Path:
+    """Write `model` (LlamaMLAForCausalLM) as a stock DeepSeek-V3 checkpoint with explicit lm_head."""
+    from safetensors.torch import save_file
+
+    ds_cfg = deepseek_config(model.config)
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ExportError(f"output directory {str(out)!r} exists and is not empty")
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    state["lm_head.weight"] = model.get_output_embeddings().weight.detach().contiguous().clone()  # tied -> explicit
+    ds_cfg.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    ds_cfg.save_pretrained(out)
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Load an MLA checkpoint directory and export it (refusing before anything is written)."""
+    from transformers import AutoTokenizer
+
+    from .modeling_llama_mla import LlamaMLAForCausalLM
+
+    if Path(out_dir).exists() and any(Path(out_dir).iterdir()):
+        raise ExportError(f"output directory {str(out_dir)!r} exists and is not empty")
+    model = LlamaMLAForCausalLM.from_pretrained(checkpoint)
+    deepseek_config(model.config)
+    return export(model, AutoTokenizer.from_pretrained(checkpoint), out_dir)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="MLA checkpoint directory (LlamaMLAForCausalLM)")
+    p.add_argument("output", help="new directory for the DeepSeek-V3 checkpoint")
+    a = p.parse_args(argv)
+    try:
+        export_checkpoint(a.checkpoint, a.output)
+    except ExportError as e:
+        raise SystemExit(f"error: cannot export {a.checkpoint} to DeepSeek-V3: {e}") from None
+    print(f"wrote a DeepseekV3ForCausalLM checkpoint to {a.output}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
