@@ -1,6 +1,5 @@
 """Every shipped recipe parses and validates; a misspelled key or a bad value fails with a message naming it."""
 
-from pathlib import Path
 
 import pytest
 

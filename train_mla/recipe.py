@@ -223,3 +223,30 @@ def resume_point(args) -> str | None:
         raise RecipeError(f"output_dir {str(out)!r} is not empty ({', '.join(unknown[:5])}); choose another "
                           "output_dir or set overwrite_output_dir: true")
     return None
+
+
+def start_run(types_, argv, description: str):
+    """Shared start of the training scripts: parse the recipe (gloo on CPU when distributed), decide where to
+    resume, set up logging and the seed. Returns (*dataclasses, checkpoint to resume from or None)."""
+    import logging
+    import os
+
+    import torch
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    defaults = {"ddp_backend": "gloo"} if distributed and not torch.cuda.is_available() else {}  # no NCCL on CPU
+    try:
+        parsed = parse_recipe(types_, argv, defaults=defaults, description=description)
+        checkpoint = resume_point(parsed[-1])
+    except RecipeError as e:
+        raise SystemExit(f"error: {e}") from None
+    import transformers
+    from transformers import set_seed
+
+    args = parsed[-1]
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
+                        handlers=[logging.StreamHandler(sys.stdout)])
+    logging.getLogger("train_mla").setLevel(args.get_process_log_level())
+    transformers.utils.logging.set_verbosity(args.get_process_log_level())
+    set_seed(args.seed)
+    return (*parsed, checkpoint)

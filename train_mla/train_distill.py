@@ -10,7 +10,6 @@ kv_cache.json). A run whose output directory holds checkpoints resumes from the 
 
 import json
 import logging
-import os
 import shutil
 import sys
 from dataclasses import asdict
@@ -19,10 +18,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (accelerate launch train_mla/train_distill.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
 
 from train_mla.arguments import DataArguments, DistillConfig, MLAArguments, ModelArguments
-from train_mla.recipe import RecipeError, parse_recipe, resume_point
+from train_mla.recipe import RecipeError, start_run
 
 logger = logging.getLogger("train_mla")
 
@@ -64,18 +62,9 @@ def build_student(model_args, mla_args, args, tokenizer):
 
 
 def main(argv=None):
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
-    defaults = {"ddp_backend": "gloo"} if distributed and not torch.cuda.is_available() else {}  # no NCCL on CPU
-    try:
-        model_args, mla_args, data_args, args = parse_recipe(
-            (ModelArguments, MLAArguments, DataArguments, DistillConfig), argv, defaults=defaults,
-            description="Stage 1: MLA upcycling + end-to-end KL distillation.")
-        checkpoint = resume_point(args)
-    except RecipeError as e:
-        raise SystemExit(f"error: {e}") from None
-
-    import transformers
-    from transformers import set_seed
+    model_args, mla_args, data_args, args, checkpoint = start_run(
+        (ModelArguments, MLAArguments, DataArguments, DistillConfig), argv,
+        "Stage 1: MLA upcycling + end-to-end KL distillation.")
 
     import train_mla  # noqa: F401  (Auto registration)
     from train_mla.data import PackedCollator, prepare_lm_dataset
@@ -83,11 +72,6 @@ def main(argv=None):
     from train_mla.kv_cache_size import format_kv_table
     from train_mla.model_loading import full_weights_here, is_mla_checkpoint, load_causal_lm, load_tokenizer
 
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
-                        handlers=[logging.StreamHandler(sys.stdout)])
-    logger.setLevel(args.get_process_log_level())
-    transformers.utils.logging.set_verbosity(args.get_process_log_level())
-    set_seed(args.seed)
     args.remove_unused_columns = False
 
     # -- cheap checks before anything heavy: tokenizers and the teacher's vocabulary
@@ -97,7 +81,10 @@ def main(argv=None):
         if is_mla_checkpoint(model_args.model_name_or_path):
             raise SystemExit("error: teacher_model_name_or_path is required when continuing from an MLA checkpoint")
         teacher_name = model_args.model_name_or_path
-    check_same_vocabulary(tokenizer, load_tokenizer(teacher_name), model_args.model_name_or_path, teacher_name)
+    try:
+        check_same_vocabulary(tokenizer, load_tokenizer(teacher_name), model_args.model_name_or_path, teacher_name)
+    except RecipeError as e:
+        raise SystemExit(f"error: {e}") from None
 
     with args.main_process_first(desc="tokenise"):
         data = prepare_lm_dataset(data_args, tokenizer, seed=args.seed, log=logger.info)

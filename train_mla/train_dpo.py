@@ -9,7 +9,6 @@ dialogues with a shared prefix (the prompt is then extracted, e.g. HH-RLHF). The
 
 import json
 import logging
-import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -18,11 +17,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file (accelerate launch train_mla/train_dpo.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
 from trl import DPOConfig
 
 from train_mla.arguments import ModelArguments
-from train_mla.recipe import RecipeError, parse_recipe, resume_point
+from train_mla.recipe import start_run
 
 logger = logging.getLogger("train_mla")
 
@@ -57,28 +55,14 @@ class DPOArguments(DPOConfig):
 
 
 def main(argv=None):
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
-    defaults = {"ddp_backend": "gloo"} if distributed and not torch.cuda.is_available() else {}
-    try:
-        model_args, data_args, args = parse_recipe((ModelArguments, PreferenceDataArguments, DPOArguments), argv,
-                                                   defaults=defaults, description="Stage 2: DPO of an MLA model.")
-        checkpoint = resume_point(args)
-    except RecipeError as e:
-        raise SystemExit(f"error: {e}") from None
-
-    import transformers
-    from transformers import set_seed
+    model_args, data_args, args, checkpoint = start_run((ModelArguments, PreferenceDataArguments, DPOArguments), argv,
+                                                        "Stage 2: DPO of an MLA model.")
     from trl import DPOTrainer
 
     import train_mla  # noqa: F401  (Auto registration)
     from train_mla.data import mix_datasets
     from train_mla.model_loading import load_causal_lm, load_tokenizer, resolve
 
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
-                        handlers=[logging.StreamHandler(sys.stdout)])
-    logger.setLevel(args.get_process_log_level())
-    transformers.utils.logging.set_verbosity(args.get_process_log_level())
-    set_seed(args.seed)
 
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision, data_args.chat_template)
     with args.main_process_first(desc="load preference data"):
