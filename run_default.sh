@@ -4,7 +4,7 @@
 # Steps: build ShareGPT data -> upcycle to MLA at 12.5 % KV (kv_lora_rank 16 + rope 32) and distil from the
 # original (stage 1) -> DPO (stage 2) -> eval.sh on the offline tasks (and on ../shared/data when present)
 # -> OUTPUT_DIR/summary.md: original vs MLA (KV bytes/token, compression, held-out perplexity, task scores).
-# On a 2-core CPU it takes about 15 minutes and trains for a handful of steps (a demonstration of the pipeline);
+# On a 2-core CPU it takes roughly half an hour and trains for a handful of steps (a demonstration of the pipeline);
 # with a GPU the same command runs the recipes' bf16 settings for longer. QUICK=1 shrinks every stage (tests).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")" && pwd); cd "$repo"
