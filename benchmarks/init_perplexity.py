@@ -5,7 +5,9 @@
         --kv_ranks 16 48 112 --q_rank 400 --calibration data/sharegpt/chat_train.jsonl
 
 Perplexity: the first --tokens tokens of each text (no special tokens), non-overlapping --window windows, mean
-next-token NLL. Prints a markdown table and writes docs/init_perplexity_<name>.{json,md}.
+next-token NLL. Prints a markdown table and writes docs/init_perplexity_<name>.{json,md} after every row; a rerun
+with the same --name keeps the rows already measured (same init and ranks) and measures only the missing ones, so a run
+cut short by a time limit loses nothing.
 """
 
 import argparse
@@ -65,13 +67,25 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--out_dir", default="docs")
     a = p.parse_args(argv)
+    out = Path(a.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / f"init_perplexity_{a.name}.json"
+    rows = json.loads(json_path.read_text())["rows"] if json_path.exists() else []
+    done = {(r["init"], r["kv_lora_rank"], r.get("q_lora_rank")) for r in rows}
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     tok = load_tokenizer(a.model)
     src = load_causal_lm(a.model, "float32").to(dev).eval()
     texts = {Path(t).name: torch.tensor(tok(Path(t).read_text(), add_special_tokens=False)["input_ids"][: a.tokens])
              for t in a.text}
-    rows = [{"init": "original model", "kv_lora_rank": None, "kv_ratio": 1.0,
-             **{k: perplexity(src, ids, a.window, a.batch) for k, ids in texts.items()}}]
+
+    def measured(row):
+        rows.append({**row, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"})
+        print(json.dumps(rows[-1]), flush=True)
+        write_tables(a, rows, list(texts), json_path)
+
+    if ("original model", None, None) not in done:
+        measured({"init": "original model", "kv_lora_rank": None, "q_lora_rank": None, "kv_ratio": 1.0,
+                  **{k: perplexity(src, ids, a.window, a.batch) for k, ids in texts.items()}})
     settings = [(r, a.q_rank) for r in a.kv_ranks]
     if a.full_rank:
         D = src.config.hidden_size
@@ -82,6 +96,8 @@ def main(argv=None):
                 continue
             if (kv, q) == settings[-1] and a.full_rank and "activation" in name:
                 continue
+            if (name, kv, q) in done:
+                continue
             mla = MLAArguments(q_lora_rank=q, kv_lora_rank=kv, qk_rope_head_dim=a.rope_dim,
                                calibration_dataset=a.calibration, calibration_samples=a.calibration_samples,
                                **INITS[name])
@@ -89,22 +105,28 @@ def main(argv=None):
             model = upcycle(src, mla, log=lambda *_: None, tokenizer=tok).to(dev).eval()
             t_init = time.time() - t0
             ratio = kv_cache_table(src.config, model.config)["kv_ratio"]
-            rows.append({"init": name, "kv_lora_rank": kv, "q_lora_rank": q, "kv_ratio": ratio, "init_seconds": t_init,
-                         **{k: perplexity(model, ids, a.window, a.batch) for k, ids in texts.items()}})
-            print(json.dumps(rows[-1]), flush=True)
+            measured({"init": name, "kv_lora_rank": kv, "q_lora_rank": q, "kv_ratio": ratio, "init_seconds": t_init,
+                      **{k: perplexity(model, ids, a.window, a.batch) for k, ids in texts.items()}})
             del model
-    cols = list(texts)
+    print((out / f"init_perplexity_{a.name}.md").read_text())
+
+
+def write_tables(a, rows, cols, json_path):
+    """Rows sorted by KV size, then in the order of INITS; written after every row."""
+    order = {n: i for i, n in enumerate(["original model", *INITS])}
+    rows.sort(key=lambda r: (r["kv_lora_rank"] or 0, r.get("q_lora_rank") or 0, order.get(r["init"], 99)))
     md = [f"Step-0 perplexity of `{a.model}` upcycled to MLA (first {a.tokens} tokens, {a.window}-token windows; "
-          f"q_lora_rank {a.q_rank}, rope {a.rope_dim}; calibration: {a.calibration or 'none'}).", "",
-          "| init | kv_lora_rank | KV cache | " + " | ".join(cols) + " |", "|---|---:|---:|" + "---:|" * len(cols)]
+          f"q_lora_rank {a.q_rank} unless the row says full rank, rope {a.rope_dim}; calibration: "
+          f"{a.calibration_samples} x 512 tokens of {a.calibration or 'none'}).", "",
+          "| init | q_lora_rank | kv_lora_rank | KV cache | " + " | ".join(cols) + " | init seconds | device |",
+          "|---|---:|---:|---:|" + "---:|" * len(cols) + "---:|---|"]
     for r in rows:
-        md.append(f"| {r['init']} | {r['kv_lora_rank'] or '-'} | {100 * r['kv_ratio']:.1f} % | "
-                  + " | ".join(f"{r[c]:,.1f}" for c in cols) + " |")
-    out = Path(a.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"init_perplexity_{a.name}.json").write_text(json.dumps({"args": vars(a), "rows": rows}, indent=2) + "\n")
-    (out / f"init_perplexity_{a.name}.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+        ranks = f"{r.get('q_lora_rank') or '-'} | {r['kv_lora_rank'] or '-'}"
+        seconds = f"{r['init_seconds']:.0f}" if "init_seconds" in r else "-"
+        md.append(f"| {r['init']} | {ranks} | {100 * r['kv_ratio']:.1f} % | "
+                  + " | ".join(f"{r[c]:,.1f}" for c in cols) + f" | {seconds} | {r.get('device', '?')} |")
+    json_path.write_text(json.dumps({"args": vars(a), "rows": rows}, indent=2) + "\n")
+    json_path.with_suffix(".md").write_text("\n".join(md) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,94 @@
+"""The generation engine against transformers' own `generate` and full forward, on tiny MLA and Llama models."""
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from train_mla.arguments import MLAArguments
+from train_mla.engine import Engine
+from train_mla.kv_cache_size import kv_cache_table
+from train_mla.upcycle import upcycle
+
+
+def _mla(mla_layers=None, decode_path="absorbed", rope_init="keep_pairs", norm=False):
+    src = tiny_llama()
+    args = MLAArguments(q_lora_rank=24, kv_lora_rank=12, qk_rope_head_dim=8, rope_init=rope_init, mla_layers=mla_layers,
+                        mla_decode_path=decode_path, use_lora_layer_norm=norm)
+    return src.double(), upcycle(src, args, log=lambda *_: None).double().eval()
+
+
+def _prompts(lengths=(5, 11, 1, 8), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 97, (n,), generator=g).tolist() for n in lengths]
+
+
+def _hf_greedy(model, prompt, n):
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("which", ["llama", "mla", "mla_hybrid_naive", "mla_xecomla_norm"])
+def test_greedy_equals_transformers_generate_for_each_prompt_of_a_mixed_batch(which):
+    src, mla = _mla(mla_layers=[0, 2] if "hybrid" in which else None,
+                    decode_path="naive" if "naive" in which else "absorbed",
+                    rope_init="xecomla" if "xecomla" in which else "keep_pairs", norm="norm" in which)
+    model = src if which == "llama" else mla
+    prompts = _prompts()
+    batched = Engine(model, max_batch_size=4, max_seq_len=40).generate(prompts, max_new_tokens=14)
+    for prompt, got in zip(prompts, batched):
+        assert got == _hf_greedy(model, prompt, 14)
+    alone = Engine(model, max_batch_size=1, max_seq_len=40)
+    assert [alone.generate([p], max_new_tokens=14)[0] for p in prompts] == batched
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_prefill_and_absorbed_decode_logits_equal_the_full_forward(attn):
+    _, model = _mla()
+    model.config._attn_implementation = attn
+    prompts = _prompts((6, 3))
+    engine = Engine(model, max_batch_size=2, max_seq_len=32)
+    tol = 1e-9 if attn == "sdpa" else 1e-5  # transformers' eager attention takes its softmax in float32
+    with torch.no_grad():
+        logits = engine.prefill(prompts, [0, 1])
+        seqs, positions = [list(p) for p in prompts], torch.tensor([len(p) for p in prompts])
+        for _ in range(5):
+            for b in range(2):
+                full = model(torch.tensor([seqs[b]])).logits[0, -1]  # independent reference: no cache at all
+                torch.testing.assert_close(logits[b].double(), full, atol=tol, rtol=tol)
+            tokens = logits.argmax(-1)
+            for b in range(2):
+                seqs[b].append(int(tokens[b]))
+            logits = engine.decode(tokens, positions)
+            positions = positions + 1
+
+
+@pytest.mark.parametrize("layers", [None, [1]])
+def test_allocated_cache_bytes_equal_the_accounting(layers):
+    src, mla = _mla(mla_layers=layers)
+    for model in (src, mla):
+        engine = Engine(model.float(), max_batch_size=3, max_seq_len=16, cache_dtype=torch.bfloat16)
+        assert engine.cache_bytes_per_token() == kv_cache_table(src.config, model.config)["mla_bytes_per_token"]
+
+
+def test_sampling_is_seeded_and_top_p_near_zero_is_greedy_and_eos_stops():
+    _, model = _mla()
+    engine = Engine(model, max_batch_size=2, max_seq_len=40)
+    prompts = _prompts((4, 9))
+    greedy = engine.generate(prompts, 10)
+    assert engine.generate(prompts, 10, temperature=0.7, top_p=1e-9, seed=3) == greedy
+    a = engine.generate(prompts, 10, temperature=1.5, seed=3)
+    assert a == engine.generate(prompts, 10, temperature=1.5, seed=3) and a != greedy
+    eos = greedy[0][3]
+    stopped = engine.generate(prompts, 10, eos_token_id=eos)
+    assert stopped[0] == greedy[0][: greedy[0].index(eos) + 1]
+
+
+def test_bad_requests_are_clear_errors():
+    _, model = _mla()
+    engine = Engine(model, max_batch_size=2, max_seq_len=16)
+    with pytest.raises(ValueError, match="max_seq_len 16"):
+        engine.generate([[5] * 10], max_new_tokens=7)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        engine.generate(_prompts((2, 2, 2)), max_new_tokens=2)
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        Engine(model, max_batch_size=1, max_seq_len=8, cuda_graphs=True)

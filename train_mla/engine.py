@@ -1,0 +1,263 @@
+"""Generation engine for MLA checkpoints and their Llama (GQA) sources, so that both are measured like for like.
+
+* prefill ("MHA mode"): the model's own attention modules run over the right-padded prompts (SDPA or flash,
+  causal), and write what they would cache into a preallocated cache instead of a growing one;
+* decode: one token per sequence per step over that cache. MLA layers attend in the absorbed "MQA mode" directly
+  over the latent rows [c_kv | k_pe] (FlashMLA's layout); GQA layers over a K/V cache. Both use the split-KV
+  kernel of `decode_attention.py`, so each step reads every cached entry once;
+* on CUDA a decode step of a given batch size is captured once as a CUDA graph and replayed (optionally after
+  `torch.compile`, which fuses the small element-wise ops between the matmuls).
+
+Sequences of one batch may have different prompt lengths; each has its own position and length. The cache is
+per layer: MLA [slots, T, 1, r + d_r], GQA K and V [slots, T, K, d]; its bytes per token equal
+`kv_cache_size.kv_elements_per_layer` times the element size, which the tests check on the allocated tensors.
+"""
+
+import torch
+from torch import nn
+
+from .decode_attention import decode_attention
+from .mla_attention import MLAAttention, apply_rope
+
+
+def _at_least_fp32(logits):
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+class LatentCache:
+    """Cache of one MLA layer: per token the latent c_kv (r values) then the rotated RoPE key k_pe (d_r)."""
+
+    def __init__(self, attn: MLAAttention, slots: int, length: int, dtype, device):
+        self.attn, self.slots = attn, None
+        H, r, d_n, d_v = attn.num_heads, attn.kv_lora_rank, attn.qk_nope_head_dim, attn.v_head_dim
+        self.data = torch.zeros(slots, length, 1, r + attn.qk_rope_head_dim, dtype=dtype, device=device)
+        w = attn.kv_b_proj.weight.view(H, d_n + d_v, r)
+        self.w_uk, self.w_uv = w[:, :d_n], w[:, d_n:]  # [H, d_n, r] folded into q, [H, d_v, r] into the output
+
+    def tensors(self):
+        return [self.data]
+
+    def update(self, c_kv, k_pe, layer_idx, **_):
+        """Called by `MLAAttention.forward` during prefill: c_kv [n, 1, L, r], k_pe [n, 1, L, d_r]."""
+        L = c_kv.shape[2]
+        self.data[self.slots, :L] = torch.cat([c_kv, k_pe], -1).transpose(1, 2).to(self.data.dtype)
+        return c_kv, k_pe
+
+    def decode(self, x, positions, cos, sin, backend):
+        """x [B, D] (normed hidden state of the new tokens), positions [B], cos/sin [B, d_r] -> [B, D]."""
+        a = self.attn
+        B, H, r, d_n, d_r, d_v = x.shape[0], a.num_heads, a.kv_lora_rank, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
+        q = a.q_proj(x) if a.q_lora_rank is None else a.q_b_proj(a.q_a_layernorm(a.q_a_proj(x)))
+        q_nope, q_pe = q.view(B, H, 1, d_n + d_r).split([d_n, d_r], -1)  # [B, H, 1, d_n], [B, H, 1, d_r]
+        c_kv, k_pe = a.kv_a_proj_with_mqa(x).split([r, d_r], -1)  # [B, r], [B, d_r]
+        c_kv = a.kv_a_layernorm(c_kv)
+        cos, sin = cos[:, None], sin[:, None]  # [B, 1, d_r]
+        q_pe = apply_rope(q_pe, cos, sin, a.config.rope_interleave)[:, :, 0]  # [B, H, d_r]
+        k_pe = apply_rope(k_pe[:, None, None], cos, sin, a.config.rope_interleave)[:, 0, 0]  # [B, d_r]
+        rows = torch.arange(B, device=x.device)
+        self.data[rows, positions, 0] = torch.cat([c_kv, k_pe], -1).to(self.data.dtype)
+        q_lat = torch.einsum("bhd,hdr->bhr", q_nope[:, :, 0], self.w_uk)  # [B, H, r]
+        q_abs = torch.cat([q_lat, q_pe], -1)[:, None].to(self.data.dtype)  # [B, 1, H, r + d_r]: one key head
+        cache = self.data[:B]  # [B, T, 1, r + d_r]
+        o_lat = decode_attention(q_abs, cache, cache[..., :r], positions + 1, a.scaling, backend=backend)  # [B, 1, H, r]
+        out = torch.einsum("bhr,hvr->bhv", o_lat[:, 0].to(x.dtype), self.w_uv)  # [B, H, d_v]
+        return a.o_proj(out.reshape(B, H * d_v))
+
+
+class KVCache:
+    """Cache of one GQA (Llama) layer: rotated keys and values, [slots, T, K, d] each."""
+
+    def __init__(self, attn: nn.Module, slots: int, length: int, dtype, device):
+        self.attn, self.slots = attn, None
+        K, d = attn.config.num_key_value_heads, attn.head_dim
+        self.k = torch.zeros(slots, length, K, d, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def tensors(self):
+        return [self.k, self.v]
+
+    def update(self, k, v, layer_idx, **_):
+        """Called by `LlamaAttention.forward` during prefill: k, v [n, K, L, d]."""
+        L = k.shape[2]
+        self.k[self.slots, :L] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[self.slots, :L] = v.transpose(1, 2).to(self.v.dtype)
+        return k, v
+
+    def decode(self, x, positions, cos, sin, backend):
+        """x [B, D], positions [B], cos/sin [B, d] (Llama's full-head RoPE) -> [B, D]."""
+        a = self.attn
+        B, d, K = x.shape[0], a.head_dim, self.k.shape[2]
+        H = a.config.num_attention_heads
+        q, k, v = a.q_proj(x).view(B, H, d), a.k_proj(x).view(B, K, d), a.v_proj(x).view(B, K, d)
+        q, k = apply_rope(q[:, :, None], cos[:, None], sin[:, None], False)[:, :, 0], \
+            apply_rope(k[:, :, None], cos[:, None], sin[:, None], False)[:, :, 0]
+        rows = torch.arange(B, device=x.device)
+        self.k[rows, positions] = k.to(self.k.dtype)
+        self.v[rows, positions] = v.to(self.v.dtype)
+        q = q.view(B, K, H // K, d).to(self.k.dtype)  # query heads grouped by their key/value head
+        out = decode_attention(q, self.k[:B], self.v[:B], positions + 1, a.scaling, backend=backend)  # [B, K, G, d]
+        return a.o_proj(out.reshape(B, H * d).to(x.dtype))
+
+
+class Engine:
+    """Batched generation over a preallocated cache of `max_batch_size` sequences of `max_seq_len` tokens."""
+
+    def __init__(self, model, max_batch_size: int, max_seq_len: int, cache_dtype=None, cuda_graphs: bool | None = None,
+                 compile: bool = False, attention_backend: str = "auto", prefill_tokens: int = 65536):
+        self.model = model.eval()
+        self.config = model.config
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        cache_dtype = cache_dtype or p.dtype
+        self.max_batch_size, self.max_seq_len, self.prefill_tokens = max_batch_size, max_seq_len, prefill_tokens
+        self.backend = attention_backend
+        self.layers = model.model.layers
+        self.caches = [
+            (LatentCache if isinstance(layer.self_attn, MLAAttention) else KVCache)(
+                layer.self_attn, max_batch_size, max_seq_len, cache_dtype, self.device)
+            for layer in self.layers
+        ]
+        positions = torch.arange(max_seq_len, device=self.device)[None]  # RoPE tables, from the model's own modules
+        probe = torch.zeros(1, device=self.device, dtype=self.dtype)
+        with torch.no_grad():
+            self.gqa_rope = [t[0] for t in model.model.rotary_emb(probe, positions)]  # [T, head_dim] x 2
+            mla = next((c.attn for c in self.caches if isinstance(c, LatentCache)), None)
+            self.mla_rope = [t[0] for t in mla.rotary_emb(probe, positions)] if mla is not None else None
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs=True needs the model on a CUDA device.")
+        self.step = torch.compile(self._step, dynamic=False) if compile else self._step
+        self._graphs, self._pool = {}, None
+
+    def cache_bytes_per_token(self) -> int:
+        """Bytes of allocated cache per token (all layers), measured from the tensors themselves."""
+        total = sum(t.numel() * t.element_size() for c in self.caches for t in c.tensors())
+        return total // (self.max_batch_size * self.max_seq_len)
+
+    # -- prefill ---------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+        """Run the prompts through the model, filling cache rows `slots`; returns next-token logits [n, V] (fp32)."""
+        out, group = [], []
+        for i, p in enumerate(prompts):  # groups of at most `prefill_tokens` padded tokens bound the activations
+            if group and (len(group) + 1) * max(len(prompts[j]) for j in group + [i]) > self.prefill_tokens:
+                out.append(self._prefill_group([prompts[j] for j in group], [slots[j] for j in group]))
+                group = []
+            group.append(i)
+        out.append(self._prefill_group([prompts[j] for j in group], [slots[j] for j in group]))
+        return torch.cat(out)
+
+    def _prefill_group(self, prompts, slots):
+        n, L = len(prompts), max(len(p) for p in prompts)
+        ids = torch.zeros(n, L, dtype=torch.long, device=self.device)
+        for i, p in enumerate(prompts):  # right padding: a real token never attends to a padded one
+            ids[i, : len(p)] = torch.tensor(p, device=self.device)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        h = self.model.model.embed_tokens(ids)  # [n, L, D]
+        position_ids = torch.arange(L, device=self.device)[None].expand(n, L)
+        rope = (self.gqa_rope[0][:L][None].expand(n, L, -1), self.gqa_rope[1][:L][None].expand(n, L, -1))
+        mask = None  # SDPA / flash: causal by flag
+        if self.config._attn_implementation == "eager":
+            mask = torch.full((L, L), torch.finfo(self.dtype).min, device=self.device, dtype=self.dtype).triu(1)[None, None]
+        for layer, cache in zip(self.layers, self.caches):
+            cache.slots = torch.tensor(slots, device=self.device)
+            a, _ = layer.self_attn(layer.input_layernorm(h), position_embeddings=rope, attention_mask=mask,
+                                   cache=cache, position_ids=position_ids)
+            h = h + a
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        last = h[torch.arange(n, device=self.device), lengths - 1]  # [n, D]
+        return _at_least_fp32(self.model.lm_head(self.model.model.norm(last)))
+
+    # -- decode ----------------------------------------------------------------------------------------------------
+    def _step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token per sequence: tokens [B] at positions [B] -> next-token logits [B, V] (fp32)."""
+        h = self.model.model.embed_tokens(tokens)  # [B, D]
+        g_cos, g_sin = self.gqa_rope[0][positions], self.gqa_rope[1][positions]  # [B, head_dim]
+        if self.mla_rope is not None:
+            m_cos, m_sin = self.mla_rope[0][positions], self.mla_rope[1][positions]  # [B, d_r]
+        for layer, cache in zip(self.layers, self.caches):
+            cos, sin = (m_cos, m_sin) if isinstance(cache, LatentCache) else (g_cos, g_sin)
+            h = h + cache.decode(layer.input_layernorm(h), positions, cos, sin, self.backend)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return _at_least_fp32(self.model.lm_head(self.model.model.norm(h)))
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Write tokens [B] at positions [B] of cache slots 0..B-1 and return the next logits [B, V]."""
+        if not self.cuda_graphs:
+            return self.step(tokens, positions)
+        B = tokens.shape[0]
+        if B not in self._graphs:
+            self._graphs[B] = self._capture(tokens, positions)
+        graph, static_tokens, static_positions, logits = self._graphs[B]
+        static_tokens.copy_(tokens)
+        static_positions.copy_(positions)
+        graph.replay()
+        return logits
+
+    def _capture(self, tokens, positions):
+        """Warm up (kernel compilation, cuBLAS workspaces), then record one step as a CUDA graph.
+
+        The warm-up steps write the same cache rows the real step writes, with the same values."""
+        static_tokens, static_positions = tokens.clone(), positions.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.step(static_tokens, static_positions)
+        torch.cuda.current_stream().wait_stream(side)
+        self._pool = self._pool or torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self.step(static_tokens, static_positions)
+        return graph, static_tokens, static_positions, logits
+
+    # -- generation ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def sample(logits, temperature: float, top_p: float, generator=None) -> torch.Tensor:
+        """Greedy when temperature == 0, else nucleus sampling: logits [B, V] -> tokens [B]."""
+        if temperature == 0:
+            return logits.argmax(-1)
+        probs = (logits / temperature).softmax(-1)
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        pick = torch.multinomial(sorted_p, 1, generator=generator)  # [B, 1]
+        return order.gather(-1, pick)[:, 0]
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 eos_token_id=None, seed: int | None = None, stream=None) -> list[list[int]]:
+        """New tokens for each prompt, each list ending at (and including) its first EOS.
+
+        `stream(step_tokens)` is called with the [B] token list of every step (for interactive use)."""
+        B = len(prompts)
+        if not 1 <= B <= self.max_batch_size:
+            raise ValueError(f"{B} prompts, but the engine was built for 1..{self.max_batch_size} (max_batch_size).")
+        if min(len(p) for p in prompts) == 0:
+            raise ValueError("Every prompt needs at least one token.")
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.max_seq_len:
+            raise ValueError(f"A prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds "
+                             f"max_seq_len {self.max_seq_len}; build the engine with a larger max_seq_len.")
+        eos = torch.tensor(sorted({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])),
+                           device=self.device, dtype=torch.long)
+        generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
+        logits = self.prefill(prompts, list(range(B)))
+        positions = torch.tensor([len(p) for p in prompts], device=self.device)
+        done = torch.zeros(B, dtype=torch.bool, device=self.device)
+        steps = []
+        for i in range(max_new_tokens):
+            tokens = self.sample(logits, temperature, top_p, generator)
+            steps.append(tokens)
+            done |= torch.isin(tokens, eos)
+            if stream is not None:
+                stream(tokens.tolist())
+            last = i == max_new_tokens - 1
+            if last or (len(eos) and (i % 8 == 7 or B == 1) and bool(done.all())):  # a host sync every 8 steps
+                break
+            logits = self.decode(tokens, positions)
+            positions = positions + 1
+        out = torch.stack(steps, 1).tolist()  # [B, steps]
+        stops = set(eos.tolist())
+        return [seq[: next((j + 1 for j, t in enumerate(seq) if t in stops), len(seq))] for seq in out]
