@@ -13,6 +13,7 @@ prompt and copying it into every slot, then decoded and timed like the rest).
 """
 
 import argparse
+import gc
 import json
 import math
 import sys
@@ -129,6 +130,7 @@ def run_point(model, name, batch, context, args, device, bandwidth, replicate=Fa
            "bytes_read_per_step": read, "hbm_bound_fraction": read / bandwidth / step_s,
            "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None}
     del engine, logits
+    gc.collect()  # the engine's CUDA graphs and compiled step refer back to it: free its cache now, not later
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -175,7 +177,7 @@ def check_engine(models, device, dtype):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--grid", nargs="+", default=["1x1024", "64x1024", "64x8192", "16x32768", "4x131072"],
+    p.add_argument("--grid", nargs="*", default=["1x1024", "64x1024", "64x8192", "16x32768", "4x131072"],
                    help="batch x context points")
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step before graph capture")
@@ -183,6 +185,7 @@ def main(argv=None):
                    help="memory budget for the largest-batch-at-32k point (0: skip that point)")
     p.add_argument("--hf_points", nargs="*", default=["1x1024", "64x8192"])
     p.add_argument("--prefill_tokens", type=int, default=65536)
+    p.add_argument("--models", nargs="*", default=["GQA", "MLA"], help="which models to run (name prefixes)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU is fine): only checks the script")
     p.add_argument("--out", default="docs/benchmarks_decode")
     a = p.parse_args(argv)
@@ -194,6 +197,7 @@ def main(argv=None):
         a.grid, a.hf_points, a.steps, a.budget_gib = ["1x16", "3x40"], ["3x40"], 4, 0.002
     grid = [tuple(int(v) for v in g.split("x")) for g in a.grid]
     models, kv = build_models(a.smoke, device, dtype)
+    models = {k: m for k, m in models.items() if any(k.startswith(x) for x in a.models)}
     bw = copy_bandwidth(device, 0.01 if a.smoke else 4.0)
     info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
             "dtype": str(dtype), "copy_bandwidth_bytes_per_s": bw, "weights": "random (speed does not depend on them)",

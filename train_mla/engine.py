@@ -16,7 +16,7 @@ per layer: MLA [slots, T, 1, r + d_r], GQA K and V [slots, T, K, d]; its bytes p
 import torch
 from torch import nn
 
-from .decode_attention import decode_attention
+from .decode_attention import decode_attention, default_num_splits, kernel, multiprocessors, use_triton
 from .mla_attention import MLAAttention, apply_rope
 
 
@@ -28,7 +28,7 @@ class LatentCache:
     """Cache of one MLA layer: per token the latent c_kv (r values) then the rotated RoPE key k_pe (d_r)."""
 
     def __init__(self, attn: MLAAttention, slots: int, length: int, dtype, device):
-        self.attn, self.slots = attn, None
+        self.attn, self.slots, self.kv_heads = attn, None, 1
         H, r, d_n, d_v = attn.num_heads, attn.kv_lora_rank, attn.qk_nope_head_dim, attn.v_head_dim
         self.data = torch.zeros(slots, length, 1, r + attn.qk_rope_head_dim, dtype=dtype, device=device)
         w = attn.kv_b_proj.weight.view(H, d_n + d_v, r)
@@ -43,10 +43,10 @@ class LatentCache:
         self.data[self.slots, :L] = torch.cat([c_kv, k_pe], -1).transpose(1, 2).to(self.data.dtype)
         return c_kv, k_pe
 
-    def decode(self, x, positions, cos, sin, backend):
-        """x [B, D] (normed hidden state of the new tokens), positions [B], cos/sin [B, d_r] -> [B, D]."""
+    def project(self, x, cos, sin):
+        """x [B, D] (normed hidden state of the new tokens), cos/sin [B, d_r] -> absorbed query, new cache row."""
         a = self.attn
-        B, H, r, d_n, d_r, d_v = x.shape[0], a.num_heads, a.kv_lora_rank, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
+        B, H, r, d_n, d_r = x.shape[0], a.num_heads, a.kv_lora_rank, a.qk_nope_head_dim, a.qk_rope_head_dim
         q = a.q_proj(x) if a.q_lora_rank is None else a.q_b_proj(a.q_a_layernorm(a.q_a_proj(x)))
         q_nope, q_pe = q.view(B, H, 1, d_n + d_r).split([d_n, d_r], -1)  # [B, H, 1, d_n], [B, H, 1, d_r]
         c_kv, k_pe = a.kv_a_proj_with_mqa(x).split([r, d_r], -1)  # [B, r], [B, d_r]
@@ -54,22 +54,30 @@ class LatentCache:
         cos, sin = cos[:, None], sin[:, None]  # [B, 1, d_r]
         q_pe = apply_rope(q_pe, cos, sin, a.config.rope_interleave)[:, :, 0]  # [B, H, d_r]
         k_pe = apply_rope(k_pe[:, None, None], cos, sin, a.config.rope_interleave)[:, 0, 0]  # [B, d_r]
-        rows = torch.arange(B, device=x.device)
-        self.data[rows, positions, 0] = torch.cat([c_kv, k_pe], -1).to(self.data.dtype)
         q_lat = torch.einsum("bhd,hdr->bhr", q_nope[:, :, 0], self.w_uk)  # [B, H, r]
         q_abs = torch.cat([q_lat, q_pe], -1)[:, None].to(self.data.dtype)  # [B, 1, H, r + d_r]: one key head
+        return q_abs, torch.cat([c_kv, k_pe], -1).to(self.data.dtype)  # row: [B, r + d_r]
+
+    def attend(self, q_abs, row, positions, backend, splits):
+        """Write the new rows at `positions`, attend over each sequence's rows -> o_lat [B, 1, H, r]."""
+        B, r = q_abs.shape[0], self.attn.kv_lora_rank
+        self.data[torch.arange(B, device=row.device), positions, 0] = row
         cache = self.data[:B]  # [B, T, 1, r + d_r]
-        o_lat = decode_attention(q_abs, cache, cache[..., :r], positions + 1, a.scaling, backend=backend)  # [B, 1, H, r]
-        out = torch.einsum("bhr,hvr->bhv", o_lat[:, 0].to(x.dtype), self.w_uv)  # [B, H, d_v]
-        return a.o_proj(out.reshape(B, H * d_v))
+        return decode_attention(q_abs, cache, cache[..., :r], positions + 1, self.attn.scaling, splits, backend)
+
+    def finish(self, o_lat):
+        """o_lat [B, 1, H, r] -> attention output [B, D]: the value up-projection, then o_proj."""
+        a = self.attn
+        out = torch.einsum("bhr,hvr->bhv", o_lat[:, 0].to(self.w_uv.dtype), self.w_uv)  # [B, H, d_v]
+        return a.o_proj(out.reshape(out.shape[0], -1))
 
 
 class KVCache:
     """Cache of one GQA (Llama) layer: rotated keys and values, [slots, T, K, d] each."""
 
     def __init__(self, attn: nn.Module, slots: int, length: int, dtype, device):
-        self.attn, self.slots = attn, None
         K, d = attn.config.num_key_value_heads, attn.head_dim
+        self.attn, self.slots, self.kv_heads = attn, None, K
         self.k = torch.zeros(slots, length, K, d, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
 
@@ -83,20 +91,25 @@ class KVCache:
         self.v[self.slots, :L] = v.transpose(1, 2).to(self.v.dtype)
         return k, v
 
-    def decode(self, x, positions, cos, sin, backend):
-        """x [B, D], positions [B], cos/sin [B, d] (Llama's full-head RoPE) -> [B, D]."""
+    def project(self, x, cos, sin):
+        """x [B, D], cos/sin [B, d] (Llama's full-head RoPE) -> grouped query [B, K, G, d], new (k, v) [B, K, d]."""
         a = self.attn
-        B, d, K = x.shape[0], a.head_dim, self.k.shape[2]
+        B, d, K = x.shape[0], a.head_dim, self.kv_heads
         H = a.config.num_attention_heads
-        q, k, v = a.q_proj(x).view(B, H, d), a.k_proj(x).view(B, K, d), a.v_proj(x).view(B, K, d)
-        q, k = apply_rope(q[:, :, None], cos[:, None], sin[:, None], False)[:, :, 0], \
-            apply_rope(k[:, :, None], cos[:, None], sin[:, None], False)[:, :, 0]
-        rows = torch.arange(B, device=x.device)
-        self.k[rows, positions] = k.to(self.k.dtype)
-        self.v[rows, positions] = v.to(self.v.dtype)
-        q = q.view(B, K, H // K, d).to(self.k.dtype)  # query heads grouped by their key/value head
-        out = decode_attention(q, self.k[:B], self.v[:B], positions + 1, a.scaling, backend=backend)  # [B, K, G, d]
-        return a.o_proj(out.reshape(B, H * d).to(x.dtype))
+        q, k, v = a.q_proj(x).view(B, H, 1, d), a.k_proj(x).view(B, K, 1, d), a.v_proj(x).view(B, K, d)
+        q = apply_rope(q, cos[:, None], sin[:, None], False).view(B, K, H // K, d)  # query heads by key head
+        k = apply_rope(k, cos[:, None], sin[:, None], False)[:, :, 0]
+        return q.to(self.k.dtype), (k.to(self.k.dtype), v.to(self.v.dtype))
+
+    def attend(self, q, row, positions, backend, splits):
+        """Write the new keys/values at `positions`, attend -> [B, K, G, d]."""
+        B = q.shape[0]
+        rows = torch.arange(B, device=q.device)
+        self.k[rows, positions], self.v[rows, positions] = row
+        return decode_attention(q, self.k[:B], self.v[:B], positions + 1, self.attn.scaling, splits, backend)
+
+    def finish(self, out):
+        return self.attn.o_proj(out.reshape(out.shape[0], -1).to(self.attn.o_proj.weight.dtype))
 
 
 class Engine:
@@ -110,7 +123,11 @@ class Engine:
         self.device, self.dtype = p.device, p.dtype
         cache_dtype = cache_dtype or p.dtype
         self.max_batch_size, self.max_seq_len, self.prefill_tokens = max_batch_size, max_seq_len, prefill_tokens
-        self.backend = attention_backend
+        if attention_backend == "auto":  # resolved once here: nothing in a decode step may sync with the host
+            attention_backend = "triton" if use_triton(self.device) else "torch"
+        if attention_backend == "triton":
+            kernel()  # build it outside any torch.compile trace
+        self.backend, self.sms = attention_backend, multiprocessors(self.device)
         self.layers = model.model.layers
         self.caches = [
             (LatentCache if isinstance(layer.self_attn, MLAAttention) else KVCache)(
@@ -126,7 +143,13 @@ class Engine:
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs the model on a CUDA device.")
-        self.step = torch.compile(self._step, dynamic=False) if compile else self._step
+        # torch.compile fuses the small ops around the matmuls; the cache write and the attention kernel stay
+        # outside it (compiled, a write into the cache would be functionalised into a copy of the whole cache)
+        if compile:  # one compiled graph per layer kind and batch size; guards may add one per layer
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(self.layers))
+        self._pre = torch.compile(self._layer_pre) if compile else self._layer_pre
+        self._post = torch.compile(self._layer_post) if compile else self._layer_post
+        self.step = self._step
         self._graphs, self._pool = {}, None
 
     def cache_bytes_per_token(self) -> int:
@@ -169,16 +192,27 @@ class Engine:
         return _at_least_fp32(self.model.lm_head(self.model.model.norm(last)))
 
     # -- decode ----------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _layer_pre(cache, layer, h, cos, sin):
+        return cache.project(layer.input_layernorm(h), cos, sin)
+
+    @staticmethod
+    def _layer_post(cache, layer, h, o):
+        h = h + cache.finish(o)
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One token per sequence: tokens [B] at positions [B] -> next-token logits [B, V] (fp32)."""
+        B = tokens.shape[0]
         h = self.model.model.embed_tokens(tokens)  # [B, D]
         g_cos, g_sin = self.gqa_rope[0][positions], self.gqa_rope[1][positions]  # [B, head_dim]
         if self.mla_rope is not None:
             m_cos, m_sin = self.mla_rope[0][positions], self.mla_rope[1][positions]  # [B, d_r]
         for layer, cache in zip(self.layers, self.caches):
             cos, sin = (m_cos, m_sin) if isinstance(cache, LatentCache) else (g_cos, g_sin)
-            h = h + cache.decode(layer.input_layernorm(h), positions, cos, sin, self.backend)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            q, row = self._pre(cache, layer, h, cos, sin)
+            o = cache.attend(q, row, positions, self.backend, default_num_splits(B, cache.kv_heads, self.sms))
+            h = self._post(cache, layer, h, o)
         return _at_least_fp32(self.model.lm_head(self.model.model.norm(h)))
 
     @torch.inference_mode()

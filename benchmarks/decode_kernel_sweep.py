@@ -1,0 +1,79 @@
+"""Tile sizes of the split-KV decode kernel: cache bandwidth of one attention call at batch 64, context 8k, for the
+MLA layout (one latent head, 32 query heads, 64 + 32 columns) and the GQA layout (8 heads of 64, 4 queries each).
+
+    python benchmarks/decode_kernel_sweep.py      # GPU; prints a table, writes docs/benchmarks_kernel_sweep.json
+
+Bandwidth = cache bytes the call must read / its time (CUDA graph replays timed by CUDA events, median of 20). The best tile per layout
+is what `decode_attention.TILE` holds.
+"""
+
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from train_mla import decode_attention as da  # noqa: E402
+
+
+def bench(fn, reps=20):
+    """GPU time of one call: the call (kernel + merge of the splits) is captured as a CUDA graph, so that Python
+    launch overhead, which the engine's graphs remove too, is not measured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def main():
+    dev, B, T = torch.device("cuda"), 64, 8192
+    lengths = torch.full((B,), T, device=dev)
+    mla_cache = torch.randn(B, T + 64, 1, 96, device=dev, dtype=torch.bfloat16)
+    cases = {"mla": (torch.randn(B, 1, 32, 96, device=dev, dtype=torch.bfloat16), mla_cache, mla_cache[..., :64], B * T * 96 * 2),
+             "gqa": (torch.randn(B, 8, 4, 64, device=dev, dtype=torch.bfloat16),
+                     torch.randn(B, T + 64, 8, 64, device=dev, dtype=torch.bfloat16),
+                     torch.randn(B, T + 64, 8, 64, device=dev, dtype=torch.bfloat16), B * T * 8 * 64 * 2 * 2)}
+    rows = []
+    for layout, (q, k, v, nbytes) in cases.items():
+        ref = da.decode_attention(q, k, v, lengths, 0.1, backend="torch").float()
+        for per_sm, bt, warps, stages in itertools.product([2, 4, 8, 16], [32, 64, 128], [4, 8], [2, 3]):
+            da.TILE[layout] = {"block_t": bt, "num_warps": warps, "num_stages": stages}
+            da.PROGRAMS_PER_SM = per_sm
+            splits = da.default_num_splits(B, q.shape[1], da.multiprocessors(dev))
+            try:
+                err = float((da.decode_attention_triton(q, k, v, lengths, 0.1, splits).float() - ref).abs().max())
+                t = bench(lambda: da.decode_attention_triton(q, k, v, lengths, 0.1, splits))
+            except Exception as e:  # e.g. out of shared memory for the biggest tiles
+                rows.append({"layout": layout, "programs_per_sm": per_sm, "block_t": bt, "num_warps": warps,
+                             "num_stages": stages, "error": str(e)[:120]})
+                continue
+            rows.append({"layout": layout, "programs_per_sm": per_sm, "splits": splits, "block_t": bt, "num_warps": warps,
+                         "num_stages": stages, "us": 1e6 * t,
+                         "tb_per_s": nbytes / t / 1e12, "max_abs_err": err})
+            print(json.dumps(rows[-1]), flush=True)
+    best = {lay: max((r for r in rows if r["layout"] == lay and "us" in r), key=lambda r: r["tb_per_s"]) for lay in cases}
+    print("best", json.dumps(best))
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/benchmarks_kernel_sweep.json")
+    out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "batch": B, "context": T, "rows": rows,
+                               "best": best}, indent=2) + "\n")
+    return best
+
+
+if __name__ == "__main__":
+    main()
