@@ -180,7 +180,7 @@ def main(argv=None):
         for m in (student, teacher):  # undo compile for the next teacher
             for layer in m.model.layers:
                 layer._compiled_call_impl = None
-        del teacher
+        teacher = None  # free the GPU memory before the next teacher
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print(markdown(result))

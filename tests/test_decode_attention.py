@@ -66,12 +66,23 @@ for case in (_mla_case, _gqa_case):
         out = da.decode_attention(q, k, v, lengths, 0.3, num_splits=splits, backend="triton")
         assert out.shape == ref.shape
         worst = max(worst, float((out - ref).abs().max()))
+from conftest import tiny_llama
+from train_mla.arguments import MLAArguments
+from train_mla.engine import Engine
+from train_mla.upcycle import upcycle
+src = tiny_llama()
+mla = upcycle(src, MLAArguments(q_lora_rank=24, kv_lora_rank=12, qk_rope_head_dim=8), log=lambda *_: None).eval()
+prompts = [[5, 9, 14, 3, 77], [8] * 11]
+for model in (src, mla):  # the engine with the kernel generates what it generates with the PyTorch path
+    fast = Engine(model, 2, 40)
+    assert fast.backend == "triton", fast.backend
+    assert fast.generate(prompts, 8) == Engine(model, 2, 40, attention_backend="torch").generate(prompts, 8)
 print("max abs difference", worst)
 """
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-def test_triton_kernel_matches_reference_under_the_interpreter():
+def test_triton_kernel_matches_reference_and_drives_the_engine_under_the_interpreter():
     # TRITON_INTERPRET must be set before triton is first imported, hence a fresh process
     tests = Path(__file__).parent
     env = {**os.environ, "TRITON_INTERPRET": "1"}

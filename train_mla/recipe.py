@@ -250,3 +250,34 @@ def start_run(types_, argv, description: str):
     transformers.utils.logging.set_verbosity(args.get_process_log_level())
     set_seed(args.seed)
     return (*parsed, checkpoint)
+
+
+def finish_run(trainer, result, source_dir: str | Path, what: str) -> None:
+    """Shared end of the training scripts: metrics and state, the model (gathered from ZeRO-3 shards), the KV-cache
+    record of the source checkpoint copied beside it, and the DeepSeek-V3 export when the recipe asks for one."""
+    import json
+    import logging
+    import shutil
+
+    log = logging.getLogger("train_mla")
+    args = trainer.args
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    trainer.save_model(args.output_dir)
+    if not trainer.is_world_process_zero():
+        return
+    record = Path(source_dir, "kv_cache.json")  # written by the upcycling from the real source config
+    if record.is_file():
+        from train_mla.kv_cache_size import format_kv_table
+
+        shutil.copy(record, Path(args.output_dir, "kv_cache.json"))
+        log.info("KV cache per token:\n" + format_kv_table(json.loads(record.read_text())))
+    log.info(f"Saved the {what} to {args.output_dir}: {json.dumps(result.metrics)}")
+    if args.export_deepseek_dir:
+        from train_mla.export_deepseek import export_checkpoint
+        from train_mla.model_loading import full_weights_here
+
+        with full_weights_here(args):  # reload the gathered 16-bit model, whole, on this process
+            export_checkpoint(args.output_dir, args.export_deepseek_dir)
+        log.info(f"Exported a DeepSeek-V3 checkpoint to {args.export_deepseek_dir}")

@@ -8,9 +8,7 @@ end a ready-to-load 16-bit model (safetensors, config with per-layer ranks, toke
 kv_cache.json). A run whose output directory holds checkpoints resumes from the last one.
 """
 
-import json
 import logging
-import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -20,7 +18,7 @@ if __package__ in (None, ""):  # run as a file (accelerate launch train_mla/trai
 
 
 from train_mla.arguments import DataArguments, DistillConfig, MLAArguments, ModelArguments
-from train_mla.recipe import RecipeError, start_run
+from train_mla.recipe import RecipeError, finish_run, start_run
 
 logger = logging.getLogger("train_mla")
 
@@ -69,8 +67,7 @@ def main(argv=None):
     import train_mla  # noqa: F401  (Auto registration)
     from train_mla.data import PackedCollator, prepare_lm_dataset
     from train_mla.distill_trainer import DistillTrainer
-    from train_mla.kv_cache_size import format_kv_table
-    from train_mla.model_loading import full_weights_here, is_mla_checkpoint, load_causal_lm, load_tokenizer
+    from train_mla.model_loading import is_mla_checkpoint, load_causal_lm, load_tokenizer
 
     args.remove_unused_columns = False
 
@@ -107,23 +104,7 @@ def main(argv=None):
         processing_class=tokenizer,
     )
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.log_metrics("train", result.metrics)
-    trainer.save_metrics("train", result.metrics)
-    trainer.save_state()
-    trainer.save_model(args.output_dir)  # gathers the full 16-bit weights from ZeRO-3 shards
-    if trainer.is_world_process_zero():
-        record = Path(student_dir, "kv_cache.json")  # written by the upcycling from the real source config
-        if record.is_file():
-            shutil.copy(record, Path(args.output_dir, "kv_cache.json"))
-            logger.info("KV cache per token:\n" + format_kv_table(json.loads(record.read_text())))
-        logger.info(f"Saved the distilled MLA model to {args.output_dir}")
-        if args.export_deepseek_dir:
-            from train_mla.export_deepseek import export_checkpoint
-
-            with full_weights_here(args):  # reload the gathered 16-bit model, whole, on this process
-                export_checkpoint(args.output_dir, args.export_deepseek_dir)
-            logger.info(f"Exported a DeepSeek-V3 checkpoint to {args.export_deepseek_dir}")
-
+    finish_run(trainer, result, student_dir, "distilled MLA model")
 
 if __name__ == "__main__":
     main()

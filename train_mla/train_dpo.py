@@ -7,9 +7,7 @@ Preference rows: `prompt`/`chosen`/`rejected` (strings or chat messages), or `ch
 dialogues with a shared prefix (the prompt is then extracted, e.g. HH-RLHF). The output is a loadable MLA model.
 """
 
-import json
 import logging
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +18,7 @@ if __package__ in (None, ""):  # run as a file (accelerate launch train_mla/trai
 from trl import DPOConfig
 
 from train_mla.arguments import ModelArguments
-from train_mla.recipe import start_run
+from train_mla.recipe import finish_run, start_run
 
 logger = logging.getLogger("train_mla")
 
@@ -83,24 +81,7 @@ def main(argv=None):
                          eval_dataset=data["test"] if "test" in data and args.eval_strategy != "no" else None,
                          processing_class=tokenizer)
     result = trainer.train(resume_from_checkpoint=checkpoint)
-    trainer.log_metrics("train", result.metrics)
-    trainer.save_metrics("train", result.metrics)
-    trainer.save_state()
-    trainer.save_model(args.output_dir)
-    if trainer.is_world_process_zero():
-        where, _ = resolve(model_args.model_name_or_path)
-        record = Path(where, "kv_cache.json")
-        if record.is_file():
-            shutil.copy(record, Path(args.output_dir, "kv_cache.json"))
-        logger.info(f"Saved the DPO model to {args.output_dir}: {json.dumps(result.metrics)}")
-        if args.export_deepseek_dir:
-            from train_mla.export_deepseek import export_checkpoint
-            from train_mla.model_loading import full_weights_here
-
-            with full_weights_here(args):  # reload the gathered 16-bit model, whole, on this process
-                export_checkpoint(args.output_dir, args.export_deepseek_dir)
-            logger.info(f"Exported a DeepSeek-V3 checkpoint to {args.export_deepseek_dir}")
-
+    finish_run(trainer, result, resolve(model_args.model_name_or_path)[0], "DPO model")
 
 if __name__ == "__main__":
     main()
