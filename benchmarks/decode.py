@@ -23,31 +23,19 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
-from train_mla.arguments import MLAArguments  # noqa: E402
+from shapes import LLAMA_1B, MLA_1B, MLA_TINY, TINY, config  # noqa: E402
 from train_mla.engine import Engine  # noqa: E402
 from train_mla.kv_cache_size import kv_cache_table  # noqa: E402
 from train_mla.modeling_llama_mla import LlamaMLAForCausalLM  # noqa: E402
-from train_mla.upcycle import build_config  # noqa: E402
-
-LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                num_key_value_heads=8, head_dim=64, max_position_embeddings=131072, tie_word_embeddings=True,
-                rms_norm_eps=1e-5, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
-                                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                                    "original_max_position_embeddings": 8192})
-TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, tie_word_embeddings=True)
-MLA_1B = MLAArguments(q_lora_rank=1424, kv_lora_rank=64, qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=64)
-MLA_TINY = MLAArguments(q_lora_rank=32, kv_lora_rank=8, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
 
 
 def build_models(smoke: bool, device, dtype):
-    src_cfg = LlamaConfig(**(TINY if smoke else LLAMA_1B))
-    src_cfg._attn_implementation = "sdpa"
-    mla_cfg = build_config(src_cfg, MLA_TINY if smoke else MLA_1B)
-    mla_cfg._attn_implementation = "sdpa"
+    src_cfg = config(TINY if smoke else LLAMA_1B)
+    mla_cfg = config(TINY if smoke else LLAMA_1B, MLA_TINY if smoke else MLA_1B)
     torch.manual_seed(0)
     with torch.device(device):
         models = {"GQA (Llama-3.2-1B shape)": LlamaForCausalLM(src_cfg), "MLA kv 64 + rope 32": LlamaMLAForCausalLM(mla_cfg)}
@@ -130,7 +118,7 @@ def run_point(model, name, batch, context, args, device, bandwidth, replicate=Fa
            "bytes_read_per_step": read, "hbm_bound_fraction": read / bandwidth / step_s,
            "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None}
     del engine, logits
-    gc.collect()  # the engine's CUDA graphs and compiled step refer back to it: free its cache now, not later
+    gc.collect()  # free the engine's cache and CUDA-graph pool before the next point allocates its own
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

@@ -82,7 +82,7 @@ def main(argv=None):
     def measured(row):
         rows.append({**row, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu"})
         print(json.dumps(rows[-1]), flush=True)
-        write_tables(a, rows, list(texts), json_path)
+        write_tables(a, rows, list(texts), json_path, src.config.hidden_size)
 
     if ("original model", None, None) not in done:
         measured({"init": "original model", "kv_lora_rank": None, "q_lora_rank": None, "kv_ratio": 1.0,
@@ -109,31 +109,30 @@ def main(argv=None):
             measured({"init": name, "kv_lora_rank": kv, "q_lora_rank": q, "kv_ratio": ratio, "init_seconds": t_init,
                       **{k: perplexity(model, ids, a.window, a.batch) for k, ids in texts.items()}})
             del model
-    write_tables(a, rows, list(texts), json_path)
+    write_tables(a, rows, list(texts), json_path, src.config.hidden_size)
     print((out / f"init_perplexity_{a.name}.md").read_text())
 
 
-def command(a, rows) -> str:
-    """The one command that measures every row of the table."""
-    D = next((r["kv_lora_rank"] for r in rows if r.get("q_lora_rank") and r["q_lora_rank"] == r["kv_lora_rank"]), None)
-    kv = sorted({r["kv_lora_rank"] for r in rows if r["kv_lora_rank"] and r["kv_lora_rank"] != D})
+def command(a, rows, hidden: int) -> str:
+    """The one command that measures every row of the table (full-rank rows have kv_lora_rank = hidden size)."""
+    kv = sorted({r["kv_lora_rank"] for r in rows if r["kv_lora_rank"] and r["kv_lora_rank"] != hidden})
     parts = ["python benchmarks/init_perplexity.py", f"--model {a.model}", f"--name {a.name}", f"--text {' '.join(a.text)}",
              f"--kv_ranks {' '.join(map(str, kv))}", f"--q_rank {a.q_rank}", f"--rope_dim {a.rope_dim}"]
-    if D:
+    if any(r["kv_lora_rank"] == hidden for r in rows):
         parts.append("--full_rank")
     if a.calibration:
         parts.append(f"--calibration {a.calibration} --calibration_samples {a.calibration_samples}")
     return " ".join(parts)
 
 
-def write_tables(a, rows, cols, json_path):
+def write_tables(a, rows, cols, json_path, hidden):
     """Rows sorted by KV size, then in the order of INITS; written after every row."""
     order = {n: i for i, n in enumerate(["original model", *INITS])}
     rows.sort(key=lambda r: (r["kv_lora_rank"] or 0, r.get("q_lora_rank") or 0, order.get(r["init"], 99)))
     md = [f"Step-0 perplexity of `{a.model}` upcycled to MLA (first {a.tokens} tokens, {a.window}-token windows; "
           f"q_lora_rank {a.q_rank} unless the row says full rank, rope {a.rope_dim}; calibration: "
           f"{a.calibration_samples} x 512 tokens of {a.calibration or 'none'}).", "", "Command (a rerun keeps the rows "
-          "already in the JSON and measures the missing ones):", "", f"    {command(a, rows)}", "",
+          "already in the JSON and measures the missing ones):", "", f"    {command(a, rows, hidden)}", "",
           "| init | q_lora_rank | kv_lora_rank | KV cache | " + " | ".join(cols) + " | init seconds | device |",
           "|---|---:|---:|---:|" + "---:|" * len(cols) + "---:|---|"]
     for r in rows:

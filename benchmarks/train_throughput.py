@@ -26,33 +26,19 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
-from train_mla.arguments import MLAArguments  # noqa: E402
+from shapes import LLAMA_1B, LLAMA_8B, MLA_1B, MLA_TINY, TINY, config  # noqa: E402
 from train_mla.distill_loss import distill_loss  # noqa: E402
 from train_mla.modeling_llama_mla import LlamaMLAForCausalLM  # noqa: E402
-from train_mla.upcycle import build_config  # noqa: E402
 
-ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8192}
-SHAPES = {
-    "1B": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=64, tie_word_embeddings=True, rope_parameters=ROPE),
-    "8B": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=128, tie_word_embeddings=False, rope_parameters=ROPE),
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
-}
-MLA_1B = MLAArguments(q_lora_rank=1424, kv_lora_rank=64, qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=64)
-MLA_TINY = MLAArguments(q_lora_rank=32, kv_lora_rank=8, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
+SHAPES = {"1B": LLAMA_1B, "8B": LLAMA_8B, "tiny": TINY}
 
 
-def make(shape, mla: MLAArguments | None, dtype, device):
-    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192)
-    if mla is not None:
-        cfg = build_config(cfg, mla)
-    cfg._attn_implementation = "sdpa"
+def make(shape, mla, dtype, device):
+    cfg = config(SHAPES[shape], mla)
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

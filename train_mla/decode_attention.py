@@ -12,6 +12,7 @@ plain PyTorch reference below computes the same thing; tests check the kernel ag
 interpreter on CPU. Only positions t < lengths[b] of sequence b are attended to.
 """
 
+import importlib.util
 import math
 import os
 
@@ -149,7 +150,7 @@ def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
 
 
-PROGRAMS_PER_SM = 2  # with the tiles below: chosen by benchmarks/decode_kernel_sweep.py
+PROGRAMS_PER_SM = 2  # with TILE above: chosen by benchmarks/decode_kernel_sweep.py
 
 
 def default_num_splits(batch: int, kv_heads: int, sms: int) -> int:
@@ -160,11 +161,7 @@ def default_num_splits(batch: int, kv_heads: int, sms: int) -> int:
 def use_triton(device: torch.device) -> bool:
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("triton") is not None
 
 
 def decode_attention(q, k_cache, v_cache, lengths, scale, num_splits: int | None = None, backend: str = "auto"):

@@ -149,7 +149,6 @@ class Engine:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(self.layers))
         self._pre = torch.compile(self._layer_pre) if compile else self._layer_pre
         self._post = torch.compile(self._layer_post) if compile else self._layer_post
-        self.step = self._step
         self._graphs, self._pool = {}, None
 
     def cache_bytes_per_token(self) -> int:
@@ -182,8 +181,9 @@ class Engine:
         mask = None  # SDPA / flash: causal by flag
         if self.config._attn_implementation == "eager":
             mask = torch.full((L, L), torch.finfo(self.dtype).min, device=self.device, dtype=self.dtype).triu(1)[None, None]
+        slots = torch.tensor(slots, device=self.device)
         for layer, cache in zip(self.layers, self.caches):
-            cache.slots = torch.tensor(slots, device=self.device)
+            cache.slots = slots
             a, _ = layer.self_attn(layer.input_layernorm(h), position_embeddings=rope, attention_mask=mask,
                                    cache=cache, position_ids=position_ids)
             h = h + a
@@ -201,7 +201,7 @@ class Engine:
         h = h + cache.finish(o)
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
-    def _step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One token per sequence: tokens [B] at positions [B] -> next-token logits [B, V] (fp32)."""
         B = tokens.shape[0]
         h = self.model.model.embed_tokens(tokens)  # [B, D]
