@@ -25,9 +25,10 @@ def _args(root, **kw):
     return MLAArguments(**{**base, **kw})
 
 
-def test_activation_aware_full_rank_reproduces_the_projections(tiny):
+@pytest.mark.parametrize("init_method", ["activation", "output"])
+def test_activation_aware_full_rank_reproduces_the_projections(tiny, init_method):
     src, tok, root = tiny
-    m = upcycle(src, _args(root, shared_rope_key="mean"), log=lambda *_: None, tokenizer=tok)
+    m = upcycle(src, _args(root, shared_rope_key="mean", init_method=init_method), log=lambda *_: None, tokenizer=tok)
     nope, rope = head_rows(16, 8, "keep_pairs", m.config.rope_freq_indices)
     for i in range(3):
         s, a = src.model.layers[i].self_attn, m.model.layers[i].self_attn

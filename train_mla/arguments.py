@@ -30,21 +30,27 @@ class MLAArguments:
     use_lora_layer_norm: bool = field(default=False, metadata={"help": "RMSNorm on the q and kv latents (DeepSeek-V3 layout)."})
     mla_layers: list[int] | None = field(default=None, metadata={"help": "Layers to convert; null = all. Others stay GQA."})
     rope_freq_indices: list[int] | None = field(default=None, metadata={
-        "help": "keep_pairs: which of the source's head_dim/2 RoPE frequencies the shared key keeps; null = every "
-                "(head_dim / qk_rope_head_dim)-th one."})
+        "help": "keep_pairs: which of the source's head_dim/2 RoPE frequencies the shared key keeps; null = the "
+                "fastest qk_rope_head_dim/2 ones, [0, 1, ...] (the others become position-free dims)."})
     q_energy_ratio: float | None = field(default=None, metadata={"help": "Dynamic query rank: keep this share of singular-value energy."})
     kv_energy_ratio: float | None = field(default=None, metadata={"help": "Dynamic KV rank: keep this share of singular-value energy."})
     rank_multiple: int = field(default=8, metadata={"help": "Dynamic ranks are rounded up to a multiple of this."})
     fixed_rank_first_last: bool = field(default=True, metadata={"help": "With energy ratios, keep layers 0 and L-1 at the fixed ranks."})
     rope_init: str = field(default="keep_pairs", metadata={"help": "xecomla (the paper's recipe) or keep_pairs (never split a "
                                                            "RoPE rotation pair; keep the source's frequencies)."})
-    init_method: str = field(default="svd", metadata={"help": "svd (weights only) or activation (best rank-r fit on "
-                                                       "calibration activations, CARE/ASVD-style)."})
+    init_method: str = field(default="svd", metadata={"help": "svd (weights only), activation (best rank-r fit on "
+                                                       "calibration activations, CARE/ASVD-style) or output (activation, "
+                                                       "with key errors weighted by the queries and value errors by o_proj)."})
     kv_balance: bool = field(default=False, metadata={"help": "Give K_nope and V equal energy before their joint factorisation."})
     shared_rope_key: str = field(default="mean", metadata={"help": "mean (the paper: average of the KV heads' RoPE keys) or "
                                                            "pca (per frequency, the principal direction across KV heads)."})
-    calibration_dataset: str | None = field(default=None, metadata={"help": "Local text/jsonl file for init_method: activation "
-                                                                    "(and for pca)."})
+    refine_steps: int = field(default=0, metadata={"help": "After the closed-form init, Adam steps per layer that fit each "
+                                                    "MLA layer's output to the source attention's output on the "
+                                                    "calibration data (train_mla/refine.py); 0 = none."})
+    refine_lr: float = field(default=1e-3, metadata={"help": "Peak learning rate of the refinement (cosine to 0)."})
+    refine_batch_size: int = field(default=4, metadata={"help": "Calibration sequences per refinement step."})
+    calibration_dataset: str | None = field(default=None, metadata={"help": "Local text/jsonl file for init_method activation "
+                                                                    "or output, shared_rope_key pca and refine_steps."})
     calibration_samples: int = field(default=64, metadata={"help": "Calibration sequences."})
     calibration_seq_length: int = field(default=512, metadata={"help": "Tokens per calibration sequence."})
     svd_dtype: str = field(default="float64", metadata={"help": "float64 or float32 for the SVD."})
@@ -53,7 +59,7 @@ class MLAArguments:
 
     def __post_init__(self):
         choices = {"rope_init": ("xecomla", "keep_pairs"), "svd_dtype": ("float64", "float32"),
-                   "init_method": ("svd", "activation"), "shared_rope_key": ("mean", "pca"),
+                   "init_method": ("svd", "activation", "output"), "shared_rope_key": ("mean", "pca"),
                    "svd_device": ("auto", "cpu", "cuda"), "mla_decode_path": ("absorbed", "naive")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -64,8 +70,13 @@ class MLAArguments:
                 raise ValueError(f"{key}={v}: must be in (0, 1]")
         if self.rank_multiple < 1:
             raise ValueError(f"rank_multiple={self.rank_multiple}: must be >= 1")
-        if self.init_method == "activation" and not self.calibration_dataset:
-            raise ValueError("init_method=activation needs calibration_dataset (a local text or jsonl file)")
+        if self.init_method != "svd" and not self.calibration_dataset:
+            raise ValueError(f"init_method={self.init_method} needs calibration_dataset (a local text or jsonl file)")
+        if self.refine_steps < 0 or self.refine_lr <= 0 or self.refine_batch_size < 1:
+            raise ValueError(f"refine_steps={self.refine_steps}, refine_lr={self.refine_lr}, refine_batch_size="
+                             f"{self.refine_batch_size}: need steps >= 0, lr > 0, batch size >= 1")
+        if self.refine_steps and not self.calibration_dataset:
+            raise ValueError("refine_steps > 0 needs calibration_dataset (a local text or jsonl file)")
         if self.calibration_samples < 1 or self.calibration_seq_length < 2:
             raise ValueError("calibration_samples must be >= 1 and calibration_seq_length >= 2")
 

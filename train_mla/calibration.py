@@ -30,16 +30,20 @@ def calibration_token_blocks(tokenizer, source: str, samples: int, seq_len: int)
 
 
 @torch.no_grad()
-def attention_input_moments(model, blocks: torch.Tensor, batch_size: int = 4) -> dict[int, torch.Tensor]:
-    """{layer index: C_l [D, D] float64} from forward passes of the source model over `blocks`."""
+def attention_input_moments(model, blocks: torch.Tensor, batch_size: int = 4,
+                            keep_inputs: bool = False) -> dict[int, torch.Tensor] | tuple[dict, dict]:
+    """{layer index: C_l [D, D] float64} from forward passes of the source model over `blocks`; with
+    keep_inputs also {layer index: the inputs themselves [N, S, D] (at least float32, on CPU)} for `refine.py`."""
     if blocks.numel() == 0:
         raise ValueError("no calibration tokens")
-    sums, counts, hooks = {}, {}, []
+    sums, counts, hooks, inputs = {}, {}, [], {}
     device = next(model.parameters()).device
 
     def hook(idx):
         def fn(module, args, kwargs):
             x = kwargs.get("hidden_states", args[0] if args else None)
+            if keep_inputs:
+                inputs.setdefault(idx, []).append(x.to(torch.promote_types(x.dtype, torch.float32)).cpu())
             x = x.reshape(-1, x.shape[-1]).double()
             sums[idx] = sums.get(idx, 0) + x.T @ x
             counts[idx] = counts.get(idx, 0) + x.shape[0]
@@ -53,7 +57,8 @@ def attention_input_moments(model, blocks: torch.Tensor, batch_size: int = 4) ->
     finally:
         for h in hooks:
             h.remove()
-    return {i: (sums[i] / counts[i]).cpu() for i in sums}
+    moments = {i: (sums[i] / counts[i]).cpu() for i in sums}
+    return (moments, {i: torch.cat(v) for i, v in inputs.items()}) if keep_inputs else moments
 
 
 def sqrt_psd(C: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -43,6 +43,15 @@ def head_rows(head_dim: int, d_rope: int, rope_init: str, freq_indices: list[int
     return rest + [j + half for j in rest], kept + [j + half for j in kept]
 
 
+def resolve_rope_freq_indices(mla: MLAArguments) -> list[int] | None:
+    """keep_pairs without explicit indices keeps the fastest qk_rope_head_dim/2 frequencies: the ones that rotate
+    most within a context and so lose most when made position-free (the slow ones barely turn over thousands of
+    tokens). xecomla uses the config's geometric schedule (None)."""
+    if mla.rope_init == "keep_pairs" and mla.rope_freq_indices is None:
+        return list(range(mla.qk_rope_head_dim // 2))
+    return mla.rope_freq_indices
+
+
 def build_config(source_config, mla: MLAArguments, layer_ranks: dict | None = None,
                  rope_freq_indices: list[int] | None = None) -> LlamaMLAConfig:
     """LlamaMLAConfig = the source Llama config + the MLA fields (validated on construction)."""
@@ -93,7 +102,7 @@ def upcycle_layer(attn, cfg: LlamaMLAConfig, layer_idx: int, mla: MLAArguments, 
     nope, rope = head_rows(hd, d_r, mla.rope_init, cfg.rope_freq_indices)
     dynamic = layer_idx not in (0, cfg.num_hidden_layers - 1) or not mla.fixed_rank_first_last
     C = input_moment.double() if input_moment is not None else torch.eye(D, dtype=torch.float64)
-    L = sqrt_psd(C) if mla.init_method == "activation" else None
+    L = sqrt_psd(C) if mla.init_method in ("activation", "output") else None
     out = LayerFactors()
     Wq = attn.q_proj.weight.detach().to("cpu", torch.float64).view(H, hd, D)  # the SVDs run on svd_kw's device
     Wk = attn.k_proj.weight.detach().to("cpu", torch.float64).view(G, hd, D)
@@ -128,24 +137,35 @@ def upcycle_layer(attn, cfg: LlamaMLAConfig, layer_idx: int, mla: MLAArguments, 
 
     # ---- key/value: [K_nope; V] per source KV head -> up @ down; up repeated to H heads as GQA does
     k_svd_rows = list(range(hd)) if mla.rope_init == "xecomla" else nope  # the paper also factorises the RoPE rows
-    Kf, Vf = Wk[:, k_svd_rows], Wv
+    Kf, Vf = Wk[:, k_svd_rows], Wv  # [G, rows_k, D], [G, d_v, D]
+    # Left weights A per KV head (the fit minimises ||A (W - W_r) L||): identity, or with init_method=output what
+    # the layer's output sees of an error - a key error through the queries of its group (E[q q^T] on the
+    # calibration data), a value error through o_proj (W_o^T W_o) - so rank goes where it changes the output.
+    A_k = torch.eye(len(k_svd_rows), dtype=torch.float64).expand(G, -1, -1)
+    A_v = torch.eye(d_v, dtype=torch.float64).expand(G, -1, -1)
+    if mla.init_method == "output":
+        Wq_k = attn.q_proj.weight.detach().to("cpu", torch.float64).view(G, g, hd, D)[:, :, k_svd_rows]
+        Wo = attn.o_proj.weight.detach().to("cpu", torch.float64).view(D, G, g, hd)
+        A_k = torch.stack([sqrt_psd(torch.einsum("hid,de,hje->ij", Wq_k[i], C, Wq_k[i])) for i in range(G)])
+        A_v = torch.stack([sqrt_psd(torch.einsum("dhi,dhj->ij", Wo[:, i], Wo[:, i])) for i in range(G)])
+    Kw, Vw = A_k @ Kf, A_v @ Vf
     if mla.kv_balance:  # equal output energy for keys and values, so the rank is not spent on the larger one
         energy = lambda W: torch.einsum("gid,de,gie->", W, C, W).sqrt()  # noqa: E731
-        k_w, v_w = 1 / energy(Wk[:, nope]), 1 / energy(Wv)
+        k_w, v_w = 1 / energy(Kw), 1 / energy(Vw)
     else:
         k_w = v_w = torch.tensor(1.0, dtype=torch.float64)
-    M = torch.cat([Kf * k_w, Vf * v_w], dim=1)  # [G, rows, D]
+    M = torch.cat([Kw * k_w, Vw * v_w], dim=1)  # [G, rows, D]
     rows = M.shape[1]
     M = M.reshape(G * rows, D)
     keep = [k_svd_rows.index(j) for j in nope] + [len(k_svd_rows) + j for j in range(d_v)]  # rows that reach kv_b
-    unweight = torch.cat([torch.full((d_n,), 1 / k_w.item()), torch.full((d_v,), 1 / v_w.item())]).double()
+    A_inv = torch.linalg.inv(torch.block_diag(*[torch.block_diag(A_k[i] * k_w, A_v[i] * v_w) for i in range(G)]))
     r_kv = cfg.kv_lora_rank
     if dynamic and mla.kv_energy_ratio is not None:
         r_kv = round_up(energy_rank(_spectrum(M, L, svd_kw), mla.kv_energy_ratio), mla.rank_multiple,
                         min(D, H * (d_n + d_v)))
     r_eff = min(r_kv, min(M.shape))
     up, down = _fit(M, r_eff, L, svd_kw)  # [G*rows, r_eff], [r_eff, D]
-    up = up.view(G, rows, r_eff)[:, keep] * unweight[None, :, None]
+    up = (A_inv @ up).view(G, rows, r_eff)[:, keep]  # back to unweighted key/value rows
     up = up.repeat_interleave(g, dim=0).reshape(H * (d_n + d_v), r_eff)
     up, down = up / math.sqrt(g), down * math.sqrt(g)  # = SVD of the head-repeated matrix, as in the paper
     if r_kv > r_eff:  # more latent dims than the source has: zero rows in down, fresh orthonormal dirs in up
@@ -167,20 +187,22 @@ def upcycle(source, mla: MLAArguments, log=print, tokenizer=None):
     `tokenizer` is needed only to read `calibration_dataset` (activation-aware or pca initialisation)."""
     from .modeling_llama_mla import LlamaMLAForCausalLM
 
-    cfg = build_config(source.config, mla, rope_freq_indices=mla.rope_freq_indices)  # validated before any SVD
+    freq_indices = resolve_rope_freq_indices(mla)
+    cfg = build_config(source.config, mla, rope_freq_indices=freq_indices)  # validated before any SVD
     svd_device = ("cuda" if torch.cuda.is_available() else "cpu") if mla.svd_device == "auto" else mla.svd_device
     svd_kw = {"dtype": getattr(torch, mla.svd_dtype), "device": svd_device}
     dtype = next(source.parameters()).dtype
-    moments = {}
-    if mla.calibration_dataset and (mla.init_method == "activation" or mla.shared_rope_key == "pca"):
+    moments, inputs = {}, {}
+    if mla.calibration_dataset and (mla.init_method != "svd" or mla.shared_rope_key == "pca" or mla.refine_steps):
         if tokenizer is None:
             raise ValueError("calibration_dataset is set but no tokenizer was given to read it")
         blocks = calibration_token_blocks(tokenizer, mla.calibration_dataset, mla.calibration_samples,
                                           mla.calibration_seq_length)
-        moments = attention_input_moments(source, blocks)
+        moments, inputs = attention_input_moments(source, blocks, keep_inputs=True) if mla.refine_steps else \
+            (attention_input_moments(source, blocks), {})
         log(f"Calibration: {blocks.shape[0]} x {blocks.shape[1]} tokens of {mla.calibration_dataset}")
 
-    state = {k: v for k, v in source.state_dict().items()}
+    state = {k: v.detach().clone() for k, v in source.state_dict().items()}  # never share storage with the source
     layer_ranks, t0 = {}, time.time()
     mla_ids = sorted(cfg.mla_layer_ids)
     for i in _progress(mla_ids, "SVD init"):
@@ -191,7 +213,7 @@ def upcycle(source, mla: MLAArguments, log=print, tokenizer=None):
         for name in ("q_proj.weight", "k_proj.weight", "v_proj.weight"):
             state.pop(prefix + name)
         state.update({prefix + k: v.to(dtype) for k, v in f.tensors.items()})
-    cfg = build_config(source.config, mla, layer_ranks, mla.rope_freq_indices)
+    cfg = build_config(source.config, mla, layer_ranks, freq_indices)
     cfg._attn_implementation = source.config._attn_implementation
 
     with torch.device("meta"):
@@ -199,11 +221,29 @@ def upcycle(source, mla: MLAArguments, log=print, tokenizer=None):
     model.load_state_dict(state, strict=True, assign=True)
     _materialise_buffers(model)
     model.tie_weights()
+    if mla.refine_steps:  # in at least float32 on the SVD device, one layer at a time
+        _refine(source, model, mla_ids, inputs, mla, svd_device, log)
     model.to(dtype)
     model.generation_config = source.generation_config
     log(f"Upcycled {len(mla_ids)}/{cfg.num_hidden_layers} layers to MLA ({mla.rope_init} init) in {time.time() - t0:.1f}s; "
         f"ranks per layer (q, kv): {_rank_summary(layer_ranks)}")
     return model
+
+
+def _refine(source, model, layer_ids, inputs, mla: MLAArguments, device, log):
+    from .refine import refine_layer
+
+    errors = []
+    for i in _progress(layer_ids, "Refine"):
+        src_attn, attn = source.model.layers[i].self_attn, model.model.layers[i].self_attn
+        src_device = next(src_attn.parameters()).device
+        attn.to(device, torch.promote_types(next(attn.parameters()).dtype, torch.float32))
+        before, after = refine_layer(src_attn.to(device), attn, inputs[i].to(device), source.model.rotary_emb.to(device),
+                                     mla.refine_steps, mla.refine_lr, mla.refine_batch_size, seed=i)
+        src_attn.to(src_device), source.model.rotary_emb.to(src_device), attn.cpu()
+        errors.append((i, before, after))
+    log("Refined attention outputs (relative error before -> after): "
+        + ", ".join(f"{i}: {b:.3f}->{a:.3f}" for i, b, a in errors))
 
 
 def _materialise_buffers(model):
