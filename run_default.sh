@@ -21,8 +21,8 @@ if [ "$gpu" = 1 ]; then   # one GPU: the recipes' own bf16 settings, shorter
   S1=(--max_steps $([ "$quick" = 1 ] && echo 3 || echo 300) --eval_strategy no)
   S2=(--max_steps $([ "$quick" = 1 ] && echo 2 || echo 100))
   EV=(--dtype bfloat16 --batch_size 32 $([ "$quick" = 1 ] && echo --limit 8))
-else                      # CPU: float32, short sequences, a few steps
-  S1=(--torch_dtype float32 --bf16 false --use_cpu true --per_device_train_batch_size 2 --max_seq_length 512 --calibration_samples 8
+else                      # CPU: float32, short sequences, a few steps; no layer-wise refinement (minutes on a GPU, hours on 2 cores)
+  S1=(--torch_dtype float32 --bf16 false --use_cpu true --per_device_train_batch_size 2 --max_seq_length 512 --calibration_samples 8 --refine_steps 0
       --max_steps $([ "$quick" = 1 ] && echo 2 || echo 12) --logging_steps 1 --warmup_steps 0 --eval_strategy no)
   S2=(--torch_dtype float32 --bf16 false --use_cpu true --per_device_train_batch_size 2 --max_length 512
       --max_steps $([ "$quick" = 1 ] && echo 1 || echo 6) --logging_steps 1 --learning_rate 5.0e-6)
