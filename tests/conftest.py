@@ -99,3 +99,13 @@ def make_chat_data(path, n=64, seed=0):
             f.write(json.dumps({"messages": [{"role": "user", "content": sents[2 * i]},
                                              {"role": "assistant", "content": sents[2 * i + 1]}]}) + "\n")
     return path
+
+
+def tiny_with_calibration(root, dtype):
+    """(tiny Llama causal LM, its tokenizer, root) with root/calib.txt: what the calibrated-init tests start from."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    make_tiny_checkpoint(root / "model")
+    (root / "calib.txt").write_text("\n\n".join(" ".join(synthetic_sentences(30, seed=i)) for i in range(8)))
+    model = AutoModelForCausalLM.from_pretrained(root / "model", dtype=dtype).eval()
+    return model, AutoTokenizer.from_pretrained(root / "model"), root

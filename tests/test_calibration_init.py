@@ -2,20 +2,15 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import make_tiny_checkpoint, synthetic_sentences, tiny_llama
+from conftest import synthetic_sentences, tiny_llama, tiny_with_calibration
 from train_mla.arguments import MLAArguments
 from train_mla.upcycle import head_rows, upcycle
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("calib")
-    make_tiny_checkpoint(root / "model")
-    (root / "calib.txt").write_text("\n\n".join(" ".join(synthetic_sentences(30, seed=i)) for i in range(8)))
-    model = AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.float64).eval()
-    return model, AutoTokenizer.from_pretrained(root / "model"), root
+    return tiny_with_calibration(tmp_path_factory.mktemp("calib"), torch.float64)
 
 
 def _args(root, **kw):

@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import make_tiny_checkpoint, synthetic_sentences
+from conftest import tiny_with_calibration
 from train_mla.arguments import MLAArguments
 from train_mla.calibration import attention_input_moments, calibration_token_blocks
 from train_mla.refine import refine_layer
@@ -13,11 +12,7 @@ from train_mla.upcycle import resolve_rope_freq_indices, upcycle
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("refine")
-    make_tiny_checkpoint(root / "model")
-    (root / "calib.txt").write_text("\n\n".join(" ".join(synthetic_sentences(30, seed=i)) for i in range(8)))
-    model = AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(root / "model"), root
+    return tiny_with_calibration(tmp_path_factory.mktemp("refine"), torch.float32)
 
 
 def _args(root, **kw):
