@@ -26,7 +26,8 @@ def test_refinement_lowers_every_layers_output_error(tiny):
     src, tok, root = tiny
     model = upcycle(src, _args(root), log=lambda *_: None, tokenizer=tok)
     blocks = calibration_token_blocks(tok, str(root / "calib.txt"), 4, 32)
-    _, inputs = attention_input_moments(src, blocks, keep_inputs=True)
+    moments, inputs = attention_input_moments(src, blocks, keep_inputs=True)
+    assert set(inputs) == set(moments) == {0, 1, 2} and inputs[0].shape == (4, 32, 64)
     for i, layer in enumerate(model.model.layers):
         before, after = refine_layer(src.model.layers[i].self_attn, layer.self_attn, inputs[i], src.model.rotary_emb,
                                      steps=30, lr=3e-3, batch_size=2, seed=i)

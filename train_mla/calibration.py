@@ -31,9 +31,9 @@ def calibration_token_blocks(tokenizer, source: str, samples: int, seq_len: int)
 
 @torch.no_grad()
 def attention_input_moments(model, blocks: torch.Tensor, batch_size: int = 4,
-                            keep_inputs: bool = False) -> dict[int, torch.Tensor] | tuple[dict, dict]:
-    """{layer index: C_l [D, D] float64} from forward passes of the source model over `blocks`; with
-    keep_inputs also {layer index: the inputs themselves [N, S, D] (at least float32, on CPU)} for `refine.py`."""
+                            keep_inputs: bool = False) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """({layer index: C_l [D, D] float64}, {layer index: the inputs [N, S, D] (at least float32, on CPU), only with
+    keep_inputs, for `refine.py`}) from forward passes of the source model over `blocks`."""
     if blocks.numel() == 0:
         raise ValueError("no calibration tokens")
     sums, counts, hooks, inputs = {}, {}, [], {}
@@ -57,8 +57,7 @@ def attention_input_moments(model, blocks: torch.Tensor, batch_size: int = 4,
     finally:
         for h in hooks:
             h.remove()
-    moments = {i: (sums[i] / counts[i]).cpu() for i in sums}
-    return (moments, {i: torch.cat(v) for i, v in inputs.items()}) if keep_inputs else moments
+    return {i: (sums[i] / counts[i]).cpu() for i in sums}, {i: torch.cat(v) for i, v in inputs.items()}
 
 
 def sqrt_psd(C: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

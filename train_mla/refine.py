@@ -41,11 +41,10 @@ def refine_layer(source_attn, mla_attn, x: torch.Tensor, rotary_emb, steps: int,
 
     @torch.no_grad()
     def error():
-        num = sum((mla_out(x[i:i + batch_size]) - target[i:i + batch_size]).pow(2).sum() for i in range(0, N, batch_size))
-        return (num / target.pow(2).sum().clamp_min(1e-30)).item()
+        return relative_error(torch.cat([mla_out(x[i:i + batch_size]) for i in range(0, N, batch_size)]), target).item()
 
     before = error()
-    params = [p for p in mla_attn.parameters()]
+    params = list(mla_attn.parameters())
     was = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)

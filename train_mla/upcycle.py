@@ -3,13 +3,16 @@
 Per converted layer (H query heads, G KV heads, head_dim hd, D hidden):
   * query:  W_q [H*hd, D], rows regrouped per head into [no-RoPE | RoPE], factorised  q_b @ q_a  (rank r_q);
   * key/value: [K_nope; V] of the G source heads factorised  up @ down  (rank r_kv); `down` is the latent
-    projection, `up` is repeated to the H query heads exactly like GQA's repeat_kv -> kv_b;
-  * shared RoPE key: the RoPE rows of K averaged over the G KV heads;
-  * o_proj, MLP, norms, embeddings and head: copied verbatim.
+    projection, `up` is repeated to the H query heads exactly like GQA's repeat_kv -> kv_b; plain SVD, or the
+    best fit on calibration activations (`init_method`), optionally with K/V balancing;
+  * shared RoPE key: the RoPE rows of K averaged over the G KV heads, or per frequency their principal direction;
+  * o_proj, MLP, norms, embeddings and head: copied (never shared with the source);
+  * optionally (`refine_steps`) each MLA layer is then fitted to its source layer's output (`refine.py`).
 
 Two RoPE treatments (`rope_init`):
   * ``keep_pairs`` (default): the RoPE key keeps whole rotation pairs (j, j + hd/2) of the source at the
-    frequencies in ``rope_freq_indices``, rotated exactly as Llama rotates them; the other pairs become no-RoPE dims.
+    frequencies in ``rope_freq_indices`` (default: the fastest d_r/2), rotated exactly as Llama rotates them; the
+    other pairs become no-RoPE dims.
   * ``xecomla``: the paper's recipe - the first d_n rows of each head are no-RoPE, the last d_r rows are rotated
     as DeepSeek interleaved pairs at a geometric schedule over d_r (splits source pairs; kept to reproduce the paper).
 
@@ -149,15 +152,16 @@ def upcycle_layer(attn, cfg: LlamaMLAConfig, layer_idx: int, mla: MLAArguments, 
         A_k = torch.stack([sqrt_psd(torch.einsum("hid,de,hje->ij", Wq_k[i], C, Wq_k[i])) for i in range(G)])
         A_v = torch.stack([sqrt_psd(torch.einsum("dhi,dhj->ij", Wo[:, i], Wo[:, i])) for i in range(G)])
     Kw, Vw = A_k @ Kf, A_v @ Vf
+    nope_in_k = [k_svd_rows.index(j) for j in nope]  # the key rows that reach kv_b
     if mla.kv_balance:  # equal output energy for keys and values, so the rank is not spent on the larger one
         energy = lambda W: torch.einsum("gid,de,gie->", W, C, W).sqrt()  # noqa: E731
-        k_w, v_w = 1 / energy(Kw), 1 / energy(Vw)
+        k_w, v_w = 1 / energy(Kw[:, nope_in_k]), 1 / energy(Vw)
     else:
         k_w = v_w = torch.tensor(1.0, dtype=torch.float64)
     M = torch.cat([Kw * k_w, Vw * v_w], dim=1)  # [G, rows, D]
     rows = M.shape[1]
     M = M.reshape(G * rows, D)
-    keep = [k_svd_rows.index(j) for j in nope] + [len(k_svd_rows) + j for j in range(d_v)]  # rows that reach kv_b
+    keep = nope_in_k + [len(k_svd_rows) + j for j in range(d_v)]  # rows that reach kv_b
     A_inv = torch.linalg.inv(torch.block_diag(*[torch.block_diag(A_k[i] * k_w, A_v[i] * v_w) for i in range(G)]))
     r_kv = cfg.kv_lora_rank
     if dynamic and mla.kv_energy_ratio is not None:
@@ -184,7 +188,7 @@ def upcycle_layer(attn, cfg: LlamaMLAConfig, layer_idx: int, mla: MLAArguments, 
 def upcycle(source, mla: MLAArguments, log=print, tokenizer=None):
     """Return a LlamaMLAForCausalLM built from the Llama causal LM `source` (which is left unchanged).
 
-    `tokenizer` is needed only to read `calibration_dataset` (activation-aware or pca initialisation)."""
+    `tokenizer` is needed only to read `calibration_dataset` (activation/output init, pca key, refinement)."""
     from .modeling_llama_mla import LlamaMLAForCausalLM
 
     freq_indices = resolve_rope_freq_indices(mla)
@@ -198,8 +202,7 @@ def upcycle(source, mla: MLAArguments, log=print, tokenizer=None):
             raise ValueError("calibration_dataset is set but no tokenizer was given to read it")
         blocks = calibration_token_blocks(tokenizer, mla.calibration_dataset, mla.calibration_samples,
                                           mla.calibration_seq_length)
-        moments, inputs = attention_input_moments(source, blocks, keep_inputs=True) if mla.refine_steps else \
-            (attention_input_moments(source, blocks), {})
+        moments, inputs = attention_input_moments(source, blocks, keep_inputs=mla.refine_steps > 0)
         log(f"Calibration: {blocks.shape[0]} x {blocks.shape[1]} tokens of {mla.calibration_dataset}")
 
     state = {k: v.detach().clone() for k, v in source.state_dict().items()}  # never share storage with the source
