@@ -5,7 +5,7 @@ import torch
 
 from conftest import synthetic_sentences, tiny_llama, tiny_with_calibration
 from train_mla.arguments import MLAArguments
-from train_mla.upcycle import head_rows, upcycle
+from train_mla.upcycle import allocate_kv_ranks, head_rows, upcycle
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +84,29 @@ def test_calibration_without_data_is_a_clear_error(tiny, tmp_path):
     (tmp_path / "empty.txt").write_text("hi")
     with pytest.raises(ValueError, match="fewer than one block"):
         upcycle(src, _args(root, calibration_dataset=str(tmp_path / "empty.txt")), log=lambda *_: None, tokenizer=tok)
+
+
+def test_rank_allocation_gives_blocks_to_the_layers_that_need_them():
+    concentrated = torch.tensor([1.0] + [1e-3] * 31)  # one direction holds the energy: rank 8 is plenty
+    flat = torch.ones(32)  # every block of 8 removes a quarter of the energy
+    assert allocate_kv_ranks({0: concentrated, 1: flat}, mean_rank=16, multiple=8) == {0: 8, 1: 24}
+    small = torch.ones(10)  # its last block is 2 wide (a fifth of its energy); no layer exceeds its matrix rank
+    ranks = allocate_kv_ranks({0: small, 1: flat, 2: concentrated}, mean_rank=20, multiple=8)
+    assert ranks == {0: 10, 1: 32, 2: 18}  # flat's blocks (1/4 each), then small's (1/5), the rest to the last
+    with pytest.raises(ValueError, match="rank_multiple"):
+        allocate_kv_ranks({0: flat}, mean_rank=4, multiple=8)
+
+
+def test_allocated_ranks_fill_the_budget_and_build_a_working_model(tiny):
+    src, tok, root = tiny
+    m = upcycle(src, _args(root, kv_lora_rank=8, allocate_kv_rank=True, rank_multiple=4), log=lambda *_: None,
+                tokenizer=tok)
+    ranks = [m.config.ranks(i)[1] for i in range(3)]
+    assert sum(ranks) == 24 and all(r % 4 == 0 for r in ranks)
+    for i, r in enumerate(ranks):
+        assert m.model.layers[i].self_attn.kv_b_proj.weight.shape[1] == r
+    x = torch.randint(3, 97, (1, 16))
+    with torch.no_grad():
+        assert torch.isfinite(m(x).logits).all()
+    with pytest.raises(ValueError, match="set only one"):
+        MLAArguments(allocate_kv_rank=True, kv_energy_ratio=0.9)

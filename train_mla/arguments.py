@@ -35,6 +35,10 @@ class MLAArguments:
     q_energy_ratio: float | None = field(default=None, metadata={"help": "Dynamic query rank: keep this share of singular-value energy."})
     kv_energy_ratio: float | None = field(default=None, metadata={"help": "Dynamic KV rank: keep this share of singular-value energy."})
     rank_multiple: int = field(default=8, metadata={"help": "Dynamic ranks are rounded up to a multiple of this."})
+    allocate_kv_rank: bool = field(default=False, metadata={
+        "help": "Spread kv_lora_rank x layers over the layers in blocks of rank_multiple, each block to the layer where it "
+                "removes the largest share of that layer's (weighted) [K_nope; V] energy (CARE-style). Per-layer "
+                "ranks: not exportable to DeepSeek-V3."})
     fixed_rank_first_last: bool = field(default=True, metadata={"help": "With energy ratios, keep layers 0 and L-1 at the fixed ranks."})
     rope_init: str = field(default="keep_pairs", metadata={"help": "xecomla (the paper's recipe) or keep_pairs (never split a "
                                                            "RoPE rotation pair; keep the source's frequencies)."})
@@ -70,6 +74,8 @@ class MLAArguments:
                 raise ValueError(f"{key}={v}: must be in (0, 1]")
         if self.rank_multiple < 1:
             raise ValueError(f"rank_multiple={self.rank_multiple}: must be >= 1")
+        if self.allocate_kv_rank and self.kv_energy_ratio is not None:
+            raise ValueError("allocate_kv_rank and kv_energy_ratio both choose per-layer KV ranks: set only one")
         if self.init_method != "svd" and not self.calibration_dataset:
             raise ValueError(f"init_method={self.init_method} needs calibration_dataset (a local text or jsonl file)")
         if self.refine_steps < 0 or self.refine_lr <= 0 or self.refine_batch_size < 1:

@@ -97,9 +97,75 @@ def _spectrum(W: torch.Tensor, L: torch.Tensor | None, svd_kw: dict) -> torch.Te
     return singular_values(W if L is None else W @ L, **svd_kw)
 
 
+def _kv_matrix(attn, cfg: LlamaMLAConfig, mla: MLAArguments, C: torch.Tensor, nope: list[int]):
+    """The weighted [K_nope; V] rows of the G KV heads that the latent factorises: (M [G*rows, D], A_inv (undoes
+    the weights), rows that reach kv_b, rows per head)."""
+    H, G, hd, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+    d_v, g = cfg.v_head_dim, H // G
+    Wk = attn.k_proj.weight.detach().to("cpu", torch.float64).view(G, hd, D)
+    Wv = attn.v_proj.weight.detach().to("cpu", torch.float64).view(G, hd, D)
+    k_svd_rows = list(range(hd)) if mla.rope_init == "xecomla" else nope  # the paper also factorises the RoPE rows
+    Kf, Vf = Wk[:, k_svd_rows], Wv  # [G, rows_k, D], [G, d_v, D]
+    # Left weights A per KV head (the fit minimises ||A (W - W_r) L||): identity, or with init_method=output what
+    # the layer's output sees of an error - a key error through the queries of its group (E[q q^T] on the
+    # calibration data), a value error through o_proj (W_o^T W_o) - so rank goes where it changes the output.
+    A_k = torch.eye(len(k_svd_rows), dtype=torch.float64).expand(G, -1, -1)
+    A_v = torch.eye(d_v, dtype=torch.float64).expand(G, -1, -1)
+    if mla.init_method == "output":
+        Wq_k = attn.q_proj.weight.detach().to("cpu", torch.float64).view(G, g, hd, D)[:, :, k_svd_rows]
+        Wo = attn.o_proj.weight.detach().to("cpu", torch.float64).view(D, G, g, hd)
+        A_k = torch.stack([sqrt_psd(torch.einsum("hid,de,hje->ij", Wq_k[i], C, Wq_k[i])) for i in range(G)])
+        A_v = torch.stack([sqrt_psd(torch.einsum("dhi,dhj->ij", Wo[:, i], Wo[:, i])) for i in range(G)])
+    Kw, Vw = A_k @ Kf, A_v @ Vf
+    nope_in_k = [k_svd_rows.index(j) for j in nope]  # the key rows that reach kv_b
+    if mla.kv_balance:  # equal output energy for keys and values, so the rank is not spent on the larger one
+        energy = lambda W: torch.einsum("gid,de,gie->", W, C, W).sqrt()  # noqa: E731
+        k_w, v_w = 1 / energy(Kw[:, nope_in_k]), 1 / energy(Vw)
+    else:
+        k_w = v_w = torch.tensor(1.0, dtype=torch.float64)
+    M = torch.cat([Kw * k_w, Vw * v_w], dim=1)  # [G, rows, D]
+    rows = M.shape[1]
+    M = M.reshape(G * rows, D)
+    keep = nope_in_k + [len(k_svd_rows) + j for j in range(d_v)]  # rows that reach kv_b
+    A_inv = torch.linalg.inv(torch.block_diag(*[torch.block_diag(A_k[i] * k_w, A_v[i] * v_w) for i in range(G)]))
+    return M, A_inv, keep, rows
+
+
+def kv_spectrum(attn, cfg: LlamaMLAConfig, mla: MLAArguments, svd_kw: dict, input_moment=None) -> torch.Tensor:
+    """Singular values of the matrix the latent of this layer factorises (for `allocate_kv_ranks`)."""
+    C = input_moment.double() if input_moment is not None else torch.eye(cfg.hidden_size, dtype=torch.float64)
+    nope, _ = head_rows(cfg.head_dim, cfg.qk_rope_head_dim, mla.rope_init, cfg.rope_freq_indices)
+    M = _kv_matrix(attn, cfg, mla, C, nope)[0]
+    return _spectrum(M, sqrt_psd(C) if mla.init_method != "svd" else None, svd_kw)
+
+
+def allocate_kv_ranks(spectra: dict[int, torch.Tensor], mean_rank: int, multiple: int) -> dict[int, int]:
+    """Per-layer latent ranks summing to mean_rank x layers (CARE-style): every layer starts with `multiple`, then
+    blocks of `multiple` ranks go, largest first, to where they remove the largest share of that layer's energy.
+    Ranks are capped by each layer's matrix rank; a budget it cannot use goes to the next best blocks."""
+    budget = mean_rank * len(spectra)
+    if budget < multiple * len(spectra):
+        raise ValueError(f"kv_lora_rank={mean_rank} is below rank_multiple={multiple}: no layer could get a rank")
+    gains = []
+    for layer, s in spectra.items():
+        share = s.double().pow(2) / s.double().pow(2).sum().clamp_min(1e-300)
+        for start in range(multiple, len(s), multiple):  # the first block is every layer's minimum
+            gains.append((share[start:start + multiple].sum().item(), -start, layer, min(multiple, len(s) - start)))
+    ranks = {layer: min(multiple, len(s)) for layer, s in spectra.items()}
+    left = budget - sum(ranks.values())
+    for _, _, layer, width in sorted(gains, reverse=True):  # per layer the blocks come in order: gains fall
+        if left <= 0:
+            break
+        take = min(width, left)
+        ranks[layer] += take
+        left -= take
+    return ranks
+
+
 def upcycle_layer(attn, cfg: LlamaMLAConfig, layer_idx: int, mla: MLAArguments, svd_kw: dict,
-                  input_moment: torch.Tensor | None = None) -> LayerFactors:
-    """Factorise one Llama attention layer into the MLA parameters (`input_moment`: E[x x^T] of its input)."""
+                  input_moment: torch.Tensor | None = None, kv_rank: int | None = None) -> LayerFactors:
+    """Factorise one Llama attention layer into the MLA parameters (`input_moment`: E[x x^T] of its input;
+    `kv_rank`: this layer's latent rank when `allocate_kv_ranks` chose it)."""
     H, G, hd, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
     d_n, d_r, d_v, g = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, H // G
     nope, rope = head_rows(hd, d_r, mla.rope_init, cfg.rope_freq_indices)
@@ -109,7 +175,6 @@ def upcycle_layer(attn, cfg: LlamaMLAConfig, layer_idx: int, mla: MLAArguments, 
     out = LayerFactors()
     Wq = attn.q_proj.weight.detach().to("cpu", torch.float64).view(H, hd, D)  # the SVDs run on svd_kw's device
     Wk = attn.k_proj.weight.detach().to("cpu", torch.float64).view(G, hd, D)
-    Wv = attn.v_proj.weight.detach().to("cpu", torch.float64).view(G, hd, D)
 
     # ---- shared RoPE key [d_r, D], and a per-head scale of the query's RoPE rows
     K_pe = Wk[:, rope]  # [G, d_r, D]
@@ -139,31 +204,8 @@ def upcycle_layer(attn, cfg: LlamaMLAConfig, layer_idx: int, mla: MLAArguments, 
         out.q_rank = r_q
 
     # ---- key/value: [K_nope; V] per source KV head -> up @ down; up repeated to H heads as GQA does
-    k_svd_rows = list(range(hd)) if mla.rope_init == "xecomla" else nope  # the paper also factorises the RoPE rows
-    Kf, Vf = Wk[:, k_svd_rows], Wv  # [G, rows_k, D], [G, d_v, D]
-    # Left weights A per KV head (the fit minimises ||A (W - W_r) L||): identity, or with init_method=output what
-    # the layer's output sees of an error - a key error through the queries of its group (E[q q^T] on the
-    # calibration data), a value error through o_proj (W_o^T W_o) - so rank goes where it changes the output.
-    A_k = torch.eye(len(k_svd_rows), dtype=torch.float64).expand(G, -1, -1)
-    A_v = torch.eye(d_v, dtype=torch.float64).expand(G, -1, -1)
-    if mla.init_method == "output":
-        Wq_k = attn.q_proj.weight.detach().to("cpu", torch.float64).view(G, g, hd, D)[:, :, k_svd_rows]
-        Wo = attn.o_proj.weight.detach().to("cpu", torch.float64).view(D, G, g, hd)
-        A_k = torch.stack([sqrt_psd(torch.einsum("hid,de,hje->ij", Wq_k[i], C, Wq_k[i])) for i in range(G)])
-        A_v = torch.stack([sqrt_psd(torch.einsum("dhi,dhj->ij", Wo[:, i], Wo[:, i])) for i in range(G)])
-    Kw, Vw = A_k @ Kf, A_v @ Vf
-    nope_in_k = [k_svd_rows.index(j) for j in nope]  # the key rows that reach kv_b
-    if mla.kv_balance:  # equal output energy for keys and values, so the rank is not spent on the larger one
-        energy = lambda W: torch.einsum("gid,de,gie->", W, C, W).sqrt()  # noqa: E731
-        k_w, v_w = 1 / energy(Kw[:, nope_in_k]), 1 / energy(Vw)
-    else:
-        k_w = v_w = torch.tensor(1.0, dtype=torch.float64)
-    M = torch.cat([Kw * k_w, Vw * v_w], dim=1)  # [G, rows, D]
-    rows = M.shape[1]
-    M = M.reshape(G * rows, D)
-    keep = nope_in_k + [len(k_svd_rows) + j for j in range(d_v)]  # rows that reach kv_b
-    A_inv = torch.linalg.inv(torch.block_diag(*[torch.block_diag(A_k[i] * k_w, A_v[i] * v_w) for i in range(G)]))
-    r_kv = cfg.kv_lora_rank
+    M, A_inv, keep, rows = _kv_matrix(attn, cfg, mla, C, nope)
+    r_kv = kv_rank or cfg.kv_lora_rank
     if dynamic and mla.kv_energy_ratio is not None:
         r_kv = round_up(energy_rank(_spectrum(M, L, svd_kw), mla.kv_energy_ratio), mla.rank_multiple,
                         min(D, H * (d_n + d_v)))
@@ -208,9 +250,13 @@ def upcycle(source, mla: MLAArguments, log=print, tokenizer=None):
     state = {k: v.detach().clone() for k, v in source.state_dict().items()}  # never share storage with the source
     layer_ranks, t0 = {}, time.time()
     mla_ids = sorted(cfg.mla_layer_ids)
+    kv_ranks = {}
+    if mla.allocate_kv_rank:
+        spectra = {i: kv_spectrum(source.model.layers[i].self_attn, cfg, mla, svd_kw, moments.get(i)) for i in mla_ids}
+        kv_ranks = allocate_kv_ranks(spectra, cfg.kv_lora_rank, mla.rank_multiple)
     for i in _progress(mla_ids, "SVD init"):
         attn = source.model.layers[i].self_attn
-        f = upcycle_layer(attn, cfg, i, mla, svd_kw, moments.get(i))
+        f = upcycle_layer(attn, cfg, i, mla, svd_kw, moments.get(i), kv_ranks.get(i))
         layer_ranks[str(i)] = {"q_lora_rank": f.q_rank, "kv_lora_rank": f.kv_rank}
         prefix = f"model.layers.{i}.self_attn."
         for name in ("q_proj.weight", "k_proj.weight", "v_proj.weight"):
