@@ -1,191 +1,132 @@
-"""Stage-1 training throughput on one GPU: a Llama-3.2-1B-shaped MLA student (kv 64 + rope 32, q 1424) distilled
-from an 8B-shaped teacher (Llama-3.1-8B shape) and from a 1B-shaped one (self-distillation), sequences of 2048.
+"""Stage-1 training throughput through the real `DistillTrainer`: random-weight models of published shapes, synthetic
+packed batches, the same Trainer, loss, optimizer and launcher as `train_mla/train_distill.py`. One variant per call:
 
-    python benchmarks/train_throughput.py                  # writes docs/benchmarks_train.{json,md}
-    python benchmarks/train_throughput.py --smoke --out /tmp/x   # tiny shapes on CPU: checks that the script runs
+    python benchmarks/train_throughput.py --shape smollm2 --compile                      # single process
+    accelerate launch --config_file deepspeed_zero3.yaml --num_processes 1 \
+        benchmarks/train_throughput.py --shape smollm2 --compile                         # the README's DeepSpeed path
+    accelerate launch --config_file deepspeed_zero3.yaml --zero_stage 2 --num_processes 1 \
+        benchmarks/train_throughput.py --shape smollm2 --compile                         # one GPU: nothing to shard
+    python benchmarks/train_throughput.py --shape tiny --steps 2 --warmup 1 --out /tmp/x  # CPU smoke test
 
-One step = teacher forward (no grad) + student forward + KL loss + backward + AdamW step, the work of
-`DistillTrainer` without DeepSpeed (one GPU; student weights fp32 under bf16 autocast, teacher bf16). Weights are
-random: speed does not depend on them. Variants, each timed over --steps steps after warm-up:
-
-* `full fp32 logits`: both models' logits materialised, KL in fp32 (the straightforward way);
-* `chunked loss`: `distill_loss` (logits chunk by chunk, recomputed in backward), as the training script does;
-* `chunked loss + compile`: the same with every decoder layer of both models under `torch.compile`.
-
-Next to them the component bound measured in the same run: teacher forward alone + student training step alone
-(its own chunked cross-entropy, same optimizer): what a step would cost if distillation added nothing.
+Shapes: `smollm2` (SmolLM2-135M student upcycled to kv 80 + rope 16 = 25 % KV, full-rank query, self-distilled from
+a SmolLM2-135M-shaped teacher), `1b_8b` (Llama-3.2-1B student at kv 64 + rope 32, q 1424, Llama-3.1-8B teacher),
+`tiny`. Student weights are float32 master copies under bf16 autocast, the teacher is bf16 (as in training). Weights
+are random: speed does not depend on them. `--documents` restarts positions every ~600 tokens as packed ShareGPT
+data does (transformers then masks attention across documents). Each call appends its row to OUT.json / OUT.md
+(rows with the same settings are replaced). Tokens/s is the median over the timed steps.
 """
 
 import argparse
 import json
+import os
+import statistics
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from transformers import LlamaForCausalLM  # noqa: E402
+from shapes import LLAMA_1B, LLAMA_8B, MLA_1B, MLA_TINY, SMOLLM2, MLA_SMOLLM2_25, TINY, config  # noqa: E402
 
-from shapes import LLAMA_1B, LLAMA_8B, MLA_1B, MLA_TINY, TINY, config  # noqa: E402
-from train_mla.distill_loss import distill_loss  # noqa: E402
-from train_mla.modeling_llama_mla import LlamaMLAForCausalLM  # noqa: E402
-
-SHAPES = {"1B": LLAMA_1B, "8B": LLAMA_8B, "tiny": TINY}
+SHAPES = {"smollm2": (SMOLLM2, MLA_SMOLLM2_25, SMOLLM2), "1b_8b": (LLAMA_1B, MLA_1B, LLAMA_8B), "tiny": (TINY, MLA_TINY, TINY)}
 
 
-def make(shape, mla, dtype, device):
-    cfg = config(SHAPES[shape], mla)
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = (LlamaMLAForCausalLM if mla is not None else LlamaForCausalLM)(cfg)
-    finally:
-        torch.set_default_dtype(default)
-    return model
+def synthetic_data(vocab: int, n: int, seq: int, documents: bool, seed: int = 0):
+    from datasets import Dataset
 
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, steps, warmup, device):
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    t = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t) / steps
+    g = torch.Generator().manual_seed(seed)
+    rows = {"input_ids": [], "position_ids": [], "labels": []}
+    for _ in range(n):
+        ids = torch.randint(3, vocab, (seq,), generator=g).tolist()
+        if documents:  # documents of 200-1000 tokens, positions restarting at each
+            pos, left = [], seq
+            while left > 0:
+                d = min(left, int(torch.randint(200, 1000, (1,), generator=g)))
+                pos += list(range(d))
+                left -= d
+        else:
+            pos = list(range(seq))
+        rows["input_ids"].append(ids)
+        rows["position_ids"].append(pos)
+        rows["labels"].append(ids)
+    return Dataset.from_dict(rows)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--teachers", nargs="+", default=["8B", "1B"])
-    p.add_argument("--batch", type=int, default=8, help="sequences per step")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="smollm2")
+    p.add_argument("--batch", type=int, default=32, help="sequences per step")
     p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--chunk", type=int, default=4096, help="loss_chunk_size of the chunked variants")
-    p.add_argument("--variants", nargs="+", default=["full fp32 logits", "chunked loss", "chunked loss + compile"])
-    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--steps", type=int, default=15, help="timed steps")
+    p.add_argument("--warmup", type=int, default=5, help="steps before timing (compilation happens here)")
+    p.add_argument("--compile", action="store_true", help="compile_layers: true")
+    p.add_argument("--documents", action="store_true", help="packed documents (attention masked across them)")
+    p.add_argument("--chunk", type=int, default=4096, help="loss_chunk_size")
+    p.add_argument("--attn", default="sdpa")
     p.add_argument("--out", default="docs/benchmarks_train")
     a = p.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type != "cuda" and not a.smoke:
-        raise SystemExit("benchmarks/train_throughput.py measures a GPU; on CPU use --smoke.")
-    amp = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if a.smoke:
-        a.teachers, a.batch, a.seq, a.steps, a.warmup, a.chunk = ["tiny"], 2, 64, 1, 1, 32
-    student = make("tiny" if a.smoke else "1B", MLA_TINY if a.smoke else MLA_1B, torch.float32, device)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-5, fused=device.type == "cuda")
-    ids = torch.randint(0, student.config.vocab_size, (a.batch, a.seq), device=device)
-    labels = ids.clone()
-    tokens = a.batch * a.seq
-    result = {"info": {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-                       "batch": a.batch, "seq": a.seq, "tokens_per_step": tokens, "steps": a.steps,
-                       "student_params": sum(p.numel() for p in student.parameters()),
-                       "weights": "random (speed does not depend on them)"}, "rows": []}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
 
-    def record(row):
-        result["rows"].append(row)
+    from train_mla.arguments import DistillConfig
+    from train_mla.data import PackedCollator
+    from train_mla.distill_trainer import DistillTrainer
+    from train_mla.modeling_llama_mla import LlamaMLAForCausalLM
+    from transformers import LlamaForCausalLM
+
+    gpu = torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")) if deepspeed else None
+    student_shape, mla, teacher_shape = SHAPES[a.shape]
+    tmp = tempfile.mkdtemp(prefix="train_throughput_")
+    args = DistillConfig(output_dir=tmp, max_steps=a.warmup + a.steps, per_device_train_batch_size=a.batch,
+                         learning_rate=1e-5, logging_steps=1, save_strategy="no", report_to="none", bf16=gpu,
+                         use_cpu=not gpu and not deepspeed, compile_layers=a.compile, loss_chunk_size=a.chunk,
+                         remove_unused_columns=False, disable_tqdm=True, dataloader_num_workers=2,
+                         ddp_backend=None if gpu or not deepspeed else "gloo")
+    torch.manual_seed(0)
+    s_cfg, t_cfg = config(student_shape, mla), config(teacher_shape)
+    s_cfg._attn_implementation = t_cfg._attn_implementation = a.attn
+    student = LlamaMLAForCausalLM(s_cfg)  # float32 master weights
+    teacher = LlamaForCausalLM(t_cfg).to(torch.bfloat16 if gpu else torch.float32)
+    data = synthetic_data(s_cfg.vocab_size, a.batch * (a.warmup + a.steps), a.seq, a.documents)
+    trainer = DistillTrainer(model=student, teacher=teacher, args=args, train_dataset=data,
+                             data_collator=PackedCollator(0, with_attention_mask=False, pad_to=a.seq))
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "tokens_per_second_per_device" in h]
+    timed = [h["tokens_per_second_per_device"] for h in logs[a.warmup:]]
+    row = {"shape": a.shape, "deepspeed_stage": stage, "compile_layers": a.compile, "documents": a.documents,
+           "attn": a.attn, "batch": a.batch, "seq": a.seq, "loss_chunk_size": a.chunk,
+           "tokens_per_s": statistics.median(timed), "min": min(timed), "max": max(timed), "timed_steps": len(timed),
+           "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
+           "device": torch.cuda.get_device_name() if gpu else "cpu", "torch": torch.__version__}
+    if trainer.is_world_process_zero():
+        record(row, Path(a.out))
         print(json.dumps(row), flush=True)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-        out.with_suffix(".md").write_text(markdown(result) + "\n")
-
-    def student_only():  # the student's own training step: chunked CE, backward, AdamW
-        with torch.autocast(device.type, amp, enabled=device.type == "cuda"):
-            h = student.model(ids, use_cache=False).last_hidden_state
-            loss, _ = distill_loss(h, h.detach(), student.lm_head, student.lm_head, labels, kl_weight=0.0, ce_weight=1.0,
-                                   chunk_size=a.chunk)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    t_student = timed(student_only, a.steps, a.warmup, device)
-    for name in a.teachers:
-        teacher = make(name, None, amp, device).eval().requires_grad_(False)
-
-        def teacher_only():
-            with torch.no_grad():
-                teacher.model(ids, use_cache=False)
-
-        def full_logits():
-            with torch.no_grad():
-                t_logp = F.log_softmax(teacher(ids, use_cache=False).logits.float(), -1)
-            with torch.autocast(device.type, amp, enabled=device.type == "cuda"):
-                s_logits = student(ids, use_cache=False).logits
-            s_logp = F.log_softmax(s_logits.float(), -1)
-            loss = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        def chunked():
-            with torch.no_grad():
-                t_hidden = teacher.model(ids, use_cache=False).last_hidden_state
-            with torch.autocast(device.type, amp, enabled=device.type == "cuda"):
-                s_hidden = student.model(ids, use_cache=False).last_hidden_state
-                loss, _ = distill_loss(s_hidden, t_hidden, student.lm_head, teacher.lm_head, labels, chunk_size=a.chunk)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        t_teacher = timed(teacher_only, a.steps, a.warmup, device)
-        bound = t_teacher + t_student
-        base = {"teacher": name, "teacher_forward_s": t_teacher, "student_step_s": t_student,
-                "component_bound_tokens_per_s": tokens / bound}
-        for variant in a.variants:
-            fn = full_logits if variant == "full fp32 logits" else chunked
-            if "compile" in variant:
-                for m in (student, teacher):
-                    for layer in m.model.layers:
-                        layer.compile()
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            try:
-                step = timed(fn, a.steps, a.warmup, device)
-            except torch.OutOfMemoryError as e:
-                record({**base, "variant": variant, "error": f"out of memory: {str(e).splitlines()[0]}"})
-                opt.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
-                continue
-            record({**base, "variant": variant, "step_s": step, "tokens_per_s": tokens / step,
-                    "fraction_of_bound": bound / step, "warmup_and_timing_s": time.perf_counter() - t0,
-                    "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None})
-        for m in (student, teacher):  # undo compile for the next teacher
-            for layer in m.model.layers:
-                layer._compiled_call_impl = None
-        teacher = None  # free the GPU memory before the next teacher
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    print(markdown(result))
 
 
-def markdown(r) -> str:
-    i = r["info"]
-    lines = [f"Device: {i['device']}, torch {i['torch']}; {i['batch']} x {i['seq']} = {i['tokens_per_step']:,} tokens per "
-             f"step; student {i['student_params'] / 1e9:.2f} B parameters; weights {i['weights']}; {i['steps']} timed steps.",
-             "", "| teacher | variant | step s | tokens/s | component bound tokens/s | fraction of bound | peak GiB |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for x in r["rows"]:
-        if "error" in x:
-            lines.append(f"| {x['teacher']} | {x['variant']} | {x['error']} | | {x['component_bound_tokens_per_s']:,.0f} | | |")
-            continue
-        peak = f"{x['peak_memory_gib']:.1f}" if x["peak_memory_gib"] else "-"
-        lines.append(f"| {x['teacher']} | {x['variant']} | {x['step_s']:.3f} | {x['tokens_per_s']:,.0f} | "
-                     f"{x['component_bound_tokens_per_s']:,.0f} | {x['fraction_of_bound']:.2f} | {peak} |")
-    return "\n".join(lines)
+KEY = ("shape", "deepspeed_stage", "compile_layers", "documents", "attn", "batch", "seq", "loss_chunk_size")
+
+
+def record(row: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.with_suffix(".json")
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+    rows = [r for r in rows if tuple(r.get(k) for k in KEY) != tuple(row[k] for k in KEY)] + [row]
+    path.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    lines = ["Stage-1 throughput through `DistillTrainer` (`python benchmarks/train_throughput.py`, see its docstring); "
+             "tokens/s = median over the timed steps, per device.", "",
+             "| shape | launcher | compiled layers | packed documents | attention | batch x seq | tokens/s | min-max | peak GiB | device |",
+             "|---|---|---|---|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        launcher = "single process" if r["deepspeed_stage"] is None else f"accelerate + ZeRO-{r['deepspeed_stage']}"
+        peak = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] else "-"
+        lines.append(f"| {r['shape']} | {launcher} | "
+                     f"{'yes' if r['compile_layers'] else 'no'} | {'yes' if r['documents'] else 'no'} | {r['attn']} | "
+                     f"{r['batch']} x {r['seq']} | {r['tokens_per_s']:,.0f} | {r['min']:,.0f}-{r['max']:,.0f} | {peak} | "
+                     f"{r['device']} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

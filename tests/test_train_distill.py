@@ -121,3 +121,32 @@ def test_deepspeed_zero3_through_accelerate_launch(tiny_run, procs):
         plain = _history(tiny_run / "full")[:6] if (tiny_run / "full").exists() else None
         if plain:
             assert abs(plain[0]["loss"] - hist[0]["loss"]) < 1e-4
+
+
+def _update(run_dir):
+    """{name: final - initial} of every weight, in float64 (initial = the upcycled model the run started from)."""
+    start, end = load_file(run_dir / "upcycled" / "model.safetensors"), load_file(run_dir / "model.safetensors")
+    assert start.keys() == end.keys()
+    return {k: end[k].double() - start[k].double() for k in start}
+
+
+def test_bf16_autocast_keeps_fp32_master_weights(tiny_run):
+    """A few steps at a small learning rate under bf16 autocast move the weights as the fp32 reference run does.
+
+    With bf16 weights most of these updates (lr 1e-5, below half a bf16 spacing for weights of ~0.1) round away.
+    """
+    small = ["--max_steps", 4, "--learning_rate", 1e-5, "--lr_scheduler_type", "constant", "--warmup_steps", 0,
+             "--save_steps", 1000, "--logging_steps", 2]
+    mixed, ref = tiny_run / "bf16_autocast", tiny_run / "fp32_reference"
+    r = _run(tiny_run / "recipe.yaml", "--output_dir", mixed, "--bf16", "true", "--torch_dtype", "bfloat16", *small)
+    assert r.returncode == 0, r.stderr[-4000:]
+    r = _run(tiny_run / "recipe.yaml", "--output_dir", ref, "--bf16", "false", "--torch_dtype", "float32", *small)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert load_file(mixed / "model.safetensors")["lm_head.weight"].dtype == torch.float32
+    a, b = _update(mixed), _update(ref)
+    da, db = torch.cat([v.flatten() for v in a.values()]), torch.cat([v.flatten() for v in b.values()])
+    moved = ((da != 0) == (db != 0)).double().mean().item()  # unseen tokens' embedding rows stay put in both
+    ratio, cos = (da.norm() / db.norm()).item(), torch.nn.functional.cosine_similarity(da, db, dim=0).item()
+    print(f"moved alike {moved:.4f}, norm ratio {ratio:.4f}, cosine {cos:.4f}")
+    assert moved > 0.99, f"{moved:.1%} of the weights moved (or stayed) as in the fp32 reference"
+    assert 0.9 < ratio < 1.1 and cos > 0.95, (ratio, cos)

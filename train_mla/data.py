@@ -102,14 +102,23 @@ def tokenize_document(row: dict, tokenizer) -> list[int]:
 def pack(docs: list[list[int]], block: int, separate_documents: bool) -> dict:
     """Concatenate documents and cut them into blocks of `block` tokens (the last one may be shorter).
 
-    With `separate_documents`, positions count from 0 inside each document (continuing across a block cut);
-    otherwise each block is one sequence 0..block-1.
+    With `separate_documents`, positions count from 0 inside each document, and again from 0 where a block cut
+    splits one (the piece in the next block cannot attend to the part before the cut, so it starts afresh: positions
+    never exceed the block length); otherwise each block is one sequence 0..block-1.
     """
     flat = [t for d in docs for t in d]
     doc_pos = [p for d in docs for p in range(len(d))]
     starts = range(0, len(flat), block)
     blocks = [flat[i:i + block] for i in starts]
-    positions = [doc_pos[i:i + block] if separate_documents else list(range(len(b))) for i, b in zip(starts, blocks)]
+    positions = []
+    for i, b in zip(starts, blocks):
+        pos = doc_pos[i:i + block] if separate_documents else list(range(len(b)))
+        first = pos[0]  # > 0 when the block starts inside a document: shift that piece to start at 0
+        k = 0
+        while k < len(pos) and pos[k] - first == k:
+            pos[k] -= first
+            k += 1
+        positions.append(pos)
     return {"input_ids": blocks, "position_ids": positions, "labels": blocks}
 
 
@@ -121,7 +130,7 @@ def prepare_lm_dataset(data_args, tokenizer, seed: int = 42, log=print):
                                                                                        "processed_cache_dir")},
                       "tokenizer": [tokenizer.name_or_path, len(tokenizer), tokenizer.chat_template,
                                     tokenizer.bos_token_id, tokenizer.eos_token_id],
-                      "seed": seed, "mtimes": _mtimes(data_args.dataset_mixer), "version": 1}, sort_keys=True)
+                      "seed": seed, "mtimes": _mtimes(data_args.dataset_mixer), "version": 2}, sort_keys=True)
     root = Path(data_args.processed_cache_dir or Path.home() / ".cache" / "train_mla" / "processed")
     cache = root / hashlib.sha256(key.encode()).hexdigest()[:16]
     if (cache / "dataset_dict.json").is_file():
@@ -161,14 +170,14 @@ def _mtimes(mixer: dict) -> dict:
 
 
 class PackedCollator:
-    """Pads a batch to its longest row. Padding is a separate pseudo-document (positions restart at 0, labels
-    -100); without packing an attention mask is added as well."""
+    """Pads a batch to its longest row (or to `pad_to`, for static shapes under torch.compile). Padding is a separate
+    pseudo-document (positions restart at 0, labels -100); without packing an attention mask is added as well."""
 
-    def __init__(self, pad_token_id: int, with_attention_mask: bool):
-        self.pad, self.with_mask = pad_token_id, with_attention_mask
+    def __init__(self, pad_token_id: int, with_attention_mask: bool, pad_to: int | None = None):
+        self.pad, self.with_mask, self.pad_to = pad_token_id, with_attention_mask, pad_to
 
     def __call__(self, features: list[dict]) -> dict:
-        L = max(len(f["input_ids"]) for f in features)
+        L = max(max(len(f["input_ids"]) for f in features), self.pad_to or 0)
         ids, pos, labels, mask = [], [], [], []
         for f in features:
             n = len(f["input_ids"])

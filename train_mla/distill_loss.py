@@ -35,7 +35,7 @@ def distill_loss(student_hidden, teacher_hidden, student_head, teacher_head, lab
     """Returns (loss, stats). hidden [B, L, D] are the final (normed) hidden states, labels [B, L].
 
     KL is taken at every position holding a real token (labels != -100); CE predicts labels[t + 1] from t.
-    stats: the unweighted mean KL (at temperature T) and CE, detached, and the token counts.
+    stats: the unweighted mean KL (at temperature T) and CE, detached, and the token counts of each (tokens, ce_tokens).
     """
     B, L, _ = student_hidden.shape
     targets = torch.full_like(labels, -100)  # CE at t needs real tokens at t and t + 1
@@ -63,5 +63,5 @@ def distill_loss(student_hidden, teacher_hidden, student_head, teacher_head, lab
         kl_sum, ce_sum = kl_sum + kl, ce_sum + ce
     kl_mean, ce_mean = kl_sum / max(n_kl, 1), ce_sum / max(n_ce, 1)
     loss = kl_weight * temperature**2 * kl_mean + ce_weight * ce_mean
-    stats = {"kl": kl_mean.detach(), "ce": ce_mean.detach(), "tokens": n_kl}
+    stats = {"kl": kl_mean.detach(), "ce": ce_mean.detach(), "tokens": n_kl, "ce_tokens": n_ce}
     return loss, stats

@@ -2,9 +2,13 @@
 
 Both models run their decoder only; logits and the loss are produced chunk by chunk (`distill_loss`). Under
 DeepSpeed ZeRO-3 the teacher is sharded like the student (trl's `prepare_deepspeed`), so an 8B teacher fits
-beside a 1B student. Logged (averaged over processes): loss, kl, ce, learning rate, grad norm, tokens/s/device.
+beside a 1B student. With `compile_layers` every decoder layer of both models runs under `torch.compile`.
+Logged (averaged over processes): loss, kl, ce, learning rate, grad norm, tokens/s/device; at each evaluation
+eval_kl, eval_ce and eval_ppl (the student's token perplexity on the evaluation data, exp(eval_ce)).
 """
 
+import logging
+import math
 import time
 
 import torch
@@ -12,6 +16,23 @@ from accelerate.utils import DistributedType
 from transformers import Trainer
 
 from .distill_loss import distill_loss
+
+logger = logging.getLogger("train_mla")
+
+
+def master_weight_dtypes(model, optimizer) -> tuple[torch.dtype, torch.dtype]:
+    """(dtype of the model's trainable weights, dtype of the tensors the optimizer updates). The second is the master
+    copy: the innermost torch optimizer under accelerate's and DeepSpeed's wrappers holds DeepSpeed's fp32 partitions."""
+    weight = next(p for p in model.parameters() if p.requires_grad)
+    inner = optimizer
+    while inner is not None:  # accelerate -> DeepSpeed ZeRO -> torch
+        for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):  # ZeRO-3, ZeRO-1/2
+            if getattr(inner, name, None):
+                return weight.dtype, getattr(inner, name)[0].dtype
+        if getattr(inner, "optimizer", None) is None:
+            return weight.dtype, next(p for g in inner.param_groups for p in g["params"]).dtype
+        inner = inner.optimizer
+    raise ValueError("no optimizer")
 
 
 class DistillTrainer(Trainer):
@@ -28,8 +49,32 @@ class DistillTrainer(Trainer):
         else:
             teacher = teacher.to(self.args.device)
         self.teacher = teacher
+        if self.args.compile_layers:
+            if self.is_deepspeed_enabled:
+                import deepspeed
+
+                deepspeed.utils.nvtx.enable_nvtx = False  # its range wrappers break graphs (as DeepSpeed's own compile does)
+            for m in (self.model, self.teacher):
+                for layer in self._bare(m).model.layers:
+                    layer.compile()  # layers share one graph (modules are inlined): one compilation per model
         self.loss_is_scaled_for_ga = False  # the loss is a per-micro-batch token mean: let the Trainer divide by GA
-        self._window = {"kl": 0.0, "ce": 0.0, "n": 0, "tokens": 0, "t0": time.perf_counter()}
+        self._window = self._new_window()
+        self._eval_window = self._new_window()
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not getattr(self, "_precision_logged", False):  # once: what the optimizer really updates
+            self._precision_logged = True
+            weights, master = master_weight_dtypes(model, self.optimizer)
+            logger.info(f"Precision: trained weights {weights} (compute: {'bf16 autocast' if self.args.bf16 else weights}), "
+                        f"optimizer master copy {master}, teacher {next(self.teacher.parameters()).dtype}")
+            if master != torch.float32:
+                logger.warning("The optimizer updates non-fp32 weights: small updates will round away.")
+        return loss
+
+    @staticmethod
+    def _new_window():
+        return {"kl": 0.0, "ce": 0.0, "n": 0, "tokens": 0, "ce_tokens": 0, "t0": time.perf_counter()}
 
     @staticmethod
     def _bare(model):
@@ -50,22 +95,35 @@ class DistillTrainer(Trainer):
             inputs["labels"], kl_weight=args.kl_weight, ce_weight=args.ce_weight, temperature=args.temperature,
             chunk_size=args.loss_chunk_size,
         )
-        if model.training:
-            w = self._window
-            w["kl"] += float(stats["kl"])
-            w["ce"] += float(stats["ce"])
-            w["n"] += 1
-            w["tokens"] += stats["tokens"]
+        # training logs the mean of the per-step means; evaluation the mean over all of its tokens
+        w, k_w, c_w = (self._window, 1, 1) if model.training else (self._eval_window, stats["tokens"], stats["ce_tokens"])
+        w["kl"] += float(stats["kl"]) * k_w
+        w["ce"] += float(stats["ce"]) * c_w
+        w["n"] += 1
+        w["tokens"] += stats["tokens"]
+        w["ce_tokens"] += stats["ce_tokens"]
         return (loss, {"loss": loss}) if return_outputs else loss
 
+    def _reduced(self, w):
+        sums = torch.tensor([w["kl"], w["ce"], w["n"], w["tokens"], w["ce_tokens"]], dtype=torch.float64,
+                            device=self.args.device)
+        return self.accelerator.reduce(sums, reduction="sum").tolist()
+
     def log(self, logs, start_time=None):
-        w = self._window
-        if "loss" in logs and w["n"]:  # training logs: every process gets here, so the sums can be reduced
+        # every process logs at the same steps, so the sums can be reduced here
+        if "loss" in logs and self._window["n"]:  # training logs
             now = time.perf_counter()
-            sums = torch.tensor([w["kl"], w["ce"], w["n"], w["tokens"]], dtype=torch.float64, device=self.args.device)
-            kl, ce, n, tokens = self.accelerator.reduce(sums, reduction="sum").tolist()
+            kl, ce, n, tokens, _ = self._reduced(self._window)
             logs["kl"] = round(kl / n, 5)
             logs["ce"] = round(ce / n, 5)
-            logs["tokens_per_second_per_device"] = round(tokens / self.accelerator.num_processes / (now - w["t0"]), 1)
-            self._window = {"kl": 0.0, "ce": 0.0, "n": 0, "tokens": 0, "t0": now}
+            logs["tokens_per_second_per_device"] = round(tokens / self.accelerator.num_processes /
+                                                         (now - self._window["t0"]), 1)
+            self._window = self._new_window()
+        if "eval_loss" in logs and self._eval_window["n"]:  # evaluation logs
+            kl, ce, _, tokens, ce_tokens = self._reduced(self._eval_window)
+            logs["eval_kl"] = round(kl / max(tokens, 1), 5)
+            logs["eval_ce"] = round(ce / max(ce_tokens, 1), 5)
+            logs["eval_ppl"] = round(math.exp(min(logs["eval_ce"], 50.0)), 3)
+            self._eval_window = self._new_window()
+            self._window["t0"] = time.perf_counter()  # evaluation time does not count against training tokens/s
         super().log(logs, start_time)

@@ -234,7 +234,10 @@ def start_run(types_, argv, description: str):
     import torch
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
-    defaults = {"ddp_backend": "gloo"} if distributed and not torch.cuda.is_available() else {}  # no NCCL on CPU
+    gpu = torch.cuda.is_available()
+    defaults = {"ddp_backend": "gloo"} if distributed and not gpu else {}  # no NCCL on CPU
+    if not gpu and not distributed:
+        defaults["use_cpu"] = True  # recipes are written for GPUs: on a machine without one, run on the CPU
     try:
         parsed = parse_recipe(types_, argv, defaults=defaults, description=description)
         checkpoint = resume_point(parsed[-1])
@@ -249,6 +252,9 @@ def start_run(types_, argv, description: str):
     logging.getLogger("train_mla").setLevel(args.get_process_log_level())
     transformers.utils.logging.set_verbosity(args.get_process_log_level())
     set_seed(args.seed)
+    if "use_cpu" in defaults and args.use_cpu:
+        logging.getLogger("train_mla").info(
+            f"No GPU found: training on the CPU (use_cpu: true), {'bf16 autocast' if args.bf16 else 'float32'} compute")
     return (*parsed, checkpoint)
 
 

@@ -33,9 +33,11 @@ def check_same_vocabulary(student_tok, teacher_tok, student_name, teacher_name):
 
 def build_student(model_args, mla_args, args, tokenizer):
     """MLA student: continued from an MLA checkpoint, or upcycled once (main process) into output_dir/upcycled."""
-    from train_mla.model_loading import dtype_of, full_weights_here, is_mla_checkpoint, load_causal_lm
+    from train_mla.model_loading import full_weights_here, is_mla_checkpoint, load_causal_lm
     from train_mla.modeling_llama_mla import LlamaMLAForCausalLM
     from train_mla.upcycle import save_mla_checkpoint, upcycle
+
+    import torch
 
     source = model_args.model_name_or_path
     if is_mla_checkpoint(source):
@@ -47,14 +49,14 @@ def build_student(model_args, mla_args, args, tokenizer):
             if not (Path(path) / "config.json").exists():
                 with full_weights_here(args):
                     llama = load_causal_lm(source, "float32", model_args.attn_implementation, model_args.model_revision)
-                    mla = upcycle(llama, mla_args, log=logger.info, tokenizer=tokenizer)
-                    mla.to(dtype_of(model_args.torch_dtype))
+                    mla = upcycle(llama, mla_args, log=logger.info, tokenizer=tokenizer)  # float32
                     save_mla_checkpoint(mla, tokenizer, path, llama.config,
                                         extra={"source": source, "mla_arguments": asdict(mla_args)})
                     del llama, mla
             else:
                 logger.info(f"Reusing the upcycled model in {path}")
-    model = LlamaMLAForCausalLM.from_pretrained(path, dtype=dtype_of(model_args.torch_dtype),
+    # trained weights are float32 master copies; bf16 is for compute (autocast) and for the frozen teacher
+    model = LlamaMLAForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                 attn_implementation=model_args.attn_implementation)
     return model, path
 
@@ -70,6 +72,8 @@ def main(argv=None):
     from train_mla.model_loading import is_mla_checkpoint, load_causal_lm, load_tokenizer
 
     args.remove_unused_columns = False
+    if args.compile_layers is None:
+        args.compile_layers = args.device.type == "cuda"
 
     # -- cheap checks before anything heavy: tokenizers and the teacher's vocabulary
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision, data_args.chat_template)
@@ -99,8 +103,9 @@ def main(argv=None):
 
     trainer = DistillTrainer(
         model=student, teacher=teacher, args=args, train_dataset=data["train"],
-        eval_dataset=data["test"] if "test" in data and args.eval_strategy != "no" else None,
-        data_collator=PackedCollator(tokenizer.pad_token_id, with_attention_mask=not data_args.packing),
+        eval_dataset=data["test"] if "test" in data and (args.eval_strategy != "no" or args.eval_on_start) else None,
+        data_collator=PackedCollator(tokenizer.pad_token_id, with_attention_mask=not data_args.packing,
+                                     pad_to=data_args.max_seq_length if args.compile_layers else None),
         processing_class=tokenizer,
     )
     result = trainer.train(resume_from_checkpoint=checkpoint)

@@ -70,15 +70,17 @@ def main(argv=None):
     if data_args.max_train_samples is not None:
         train = train.select(range(min(len(train), data_args.max_train_samples)))
 
-    def load():
-        return load_causal_lm(model_args.model_name_or_path, model_args.torch_dtype, model_args.attn_implementation,
+    def load(dtype):
+        return load_causal_lm(model_args.model_name_or_path, dtype, model_args.attn_implementation,
                               model_args.model_revision)
 
-    policy, reference = load(), load()  # the reference is a frozen copy of the stage-1 checkpoint
+    # the policy keeps float32 master weights (bf16 only as autocast compute): a bf16 weight cannot take a DPO-sized
+    # step (lr 5e-7 moves nothing); the reference is a frozen copy of the stage-1 checkpoint in torch_dtype
+    policy, reference = load("float32"), load(model_args.torch_dtype)
     if checkpoint:
         logger.info(f"Resuming from {checkpoint}")
     trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=train,
-                         eval_dataset=data["test"] if "test" in data and args.eval_strategy != "no" else None,
+                         eval_dataset=data["test"] if "test" in data and (args.eval_strategy != "no" or args.eval_on_start) else None,
                          processing_class=tokenizer)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     finish_run(trainer, result, resolve(model_args.model_name_or_path)[0], "DPO model")

@@ -341,7 +341,7 @@ class UpcycleOutput:
 
 
 def main(argv=None):
-    from .model_loading import ModelNotFoundError, load_causal_lm, load_tokenizer
+    from .model_loading import ModelNotFoundError, dtype_of, load_causal_lm, load_tokenizer
     from .recipe import RecipeError, parse_recipe, refuse_existing_output
 
     try:
@@ -354,12 +354,12 @@ def main(argv=None):
             raise RecipeError("--output DIR is required")
         refuse_existing_output(out_args.output, overwrite=False)
         print(f"Loading {model_args.model_name_or_path} ...", flush=True)
-        source = load_causal_lm(model_args.model_name_or_path, model_args.torch_dtype, model_args.attn_implementation,
+        source = load_causal_lm(model_args.model_name_or_path, "float32", model_args.attn_implementation,
                                 model_args.model_revision)
         tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision)
     except (RecipeError, ModelNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
-    model = upcycle(source, mla, tokenizer=tokenizer)
+    model = upcycle(source, mla, tokenizer=tokenizer).to(dtype_of(model_args.torch_dtype))  # factorised in float32
     save_mla_checkpoint(model, tokenizer, out_args.output, source.config,
                         extra={"source": model_args.model_name_or_path, "mla_arguments": asdict(mla)})
     print(format_kv_table(kv_cache_table(source.config, model.config)))
