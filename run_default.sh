@@ -22,12 +22,15 @@ quick=${QUICK:-0}
 if [ "$gpu" = 1 ]; then   # one GPU: the recovery recipe, through accelerate + DeepSpeed as the README says
   RECIPE=smollm2_135M/mla_kv_rank_80_rope_16.yaml
   LAUNCH=($PY -m accelerate.commands.launch --config_file deepspeed_zero3.yaml --zero_stage "${ZERO_STAGE:-2}" --num_processes 1)
-  S1=($([ -n "${STAGE1_STEPS:-}" ] && echo --max_steps "$STAGE1_STEPS") $([ "$quick" = 1 ] && echo --max_steps 3 --eval_strategy no --refine_steps 0))
+  S1=()
+  if [ -n "${STAGE1_STEPS:-}" ]; then S1+=(--max_steps "$STAGE1_STEPS"); fi
+  if [ "$quick" = 1 ]; then S1+=(--max_steps 3 --eval_strategy no --eval_on_start false --refine_steps 0); fi
   if [ -d ../shared/data ]; then  # evaluate WikiText-2 token perplexity during stage 1 (the quality-against-tokens curve)
     S1+=(--dataset_mixer "{data/sharegpt/chat_train.jsonl: 1.0, ../shared/data/wikitext-2/wiki.test.raw: 1.0}")
   fi
   S2=(--max_steps $([ "$quick" = 1 ] && echo 2 || echo 250) --eval_strategy steps --eval_steps 125 --per_device_eval_batch_size 32)
-  EV=(--dtype bfloat16 --batch_size 64 $([ "$quick" = 1 ] && echo --limit 8))
+  EV=(--dtype bfloat16 --batch_size 64)
+  if [ "$quick" = 1 ]; then EV+=(--limit 8); fi
 else                      # CPU: float32, short sequences, a few steps; no layer-wise refinement (minutes on a GPU, hours on 2 cores)
   S1=(--torch_dtype float32 --bf16 false --use_cpu true --per_device_train_batch_size 2 --max_seq_length 512 --calibration_samples 8 --refine_steps 0
       --max_steps $([ "$quick" = 1 ] && echo 2 || echo 12) --logging_steps 1 --warmup_steps 0 --eval_strategy no)

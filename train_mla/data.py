@@ -15,7 +15,8 @@ import torch
 
 from .model_loading import ModelNotFoundError, _check_hub_reachable
 
-FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".gz": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".gz": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text",
+                 ".raw": "text", ".tokens": "text"}  # .raw, .tokens: WikiText-2 files
 
 
 def load_source(source: str, splits: list[str]) -> dict:
