@@ -89,7 +89,8 @@ class DistillTrainer(Trainer):
                 t_hidden = teacher.model(**forward, use_cache=False).last_hidden_state  # [B, L, D_t]
         else:
             t_hidden = None
-        s_hidden = student.model(**forward, use_cache=False).last_hidden_state  # [B, L, D]
+        with self.accelerator.autocast():  # the inner model bypasses the forward that accelerate wraps in autocast
+            s_hidden = student.model(**forward, use_cache=False).last_hidden_state  # [B, L, D]
         loss, stats = distill_loss(
             s_hidden, t_hidden if t_hidden is not None else s_hidden.detach(), student.lm_head, teacher.lm_head,
             inputs["labels"], kl_weight=args.kl_weight, ce_weight=args.ce_weight, temperature=args.temperature,
