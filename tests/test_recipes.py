@@ -61,3 +61,128 @@ def test_cli_overrides_win_and_values_are_checked():
         parse_recipe(DISTILL, [str(path), "--dataset_mixer", "{a: 2.0}", "--bf16", "false"])
     with pytest.raises(RecipeError, match="does not exist"):
         parse_recipe(DISTILL, ["no/such/recipe.yaml"])
+
+
+# ---------------------------------------------------------------- run lifecycle: flags, YAML, checkpoints, lock
+
+def _distill(argv):
+    from train_mla.arguments import _distill_types
+    from train_mla.recipe import parse_recipe
+
+    return parse_recipe(_distill_types(), argv)
+
+
+def _minimal(tmp_path):
+    import yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model_name_or_path": "x/y", "dataset_mixer": {"a.jsonl": 1.0},
+                                    "use_cpu": True, "output_dir": str(tmp_path / "out")}))
+    return str(path)
+
+
+def test_a_flag_without_a_value_is_an_error_unless_the_key_is_boolean(tmp_path):
+    from train_mla.recipe import RecipeError
+
+    recipe = _minimal(tmp_path)
+    with pytest.raises(RecipeError, match=r"'--output_dir' has no value"):
+        _distill([recipe, "--output_dir"])
+    with pytest.raises(RecipeError, match=r"'--kv_lora_rank' has no value"):
+        _distill([recipe, "--kv_lora_rank", "--packing", "false"])
+    assert _distill([recipe, "--kv_balance"])[1].kv_balance is True
+
+
+def test_malformed_yaml_and_command_line_typos_name_their_place(tmp_path):
+    from train_mla.recipe import RecipeError
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kv_lora_rank: [1, 2\n")
+    with pytest.raises(RecipeError, match=r"bad\.yaml.*not valid YAML"):
+        _distill([str(bad)])
+    with pytest.raises(RecipeError, match=r"'kv_lora_rnak' on the command line"):
+        _distill([_minimal(tmp_path), "--kv_lora_rnak", "8"])
+
+
+def _save_ckpt(path, step, complete=True):
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    save_file({"w": torch.ones(64)}, path / "model.safetensors")
+    (path / "config.json").write_text("{}")
+    if complete:
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+
+
+def test_resume_takes_the_newest_complete_checkpoint_and_names_the_bad_ones(tmp_path, caplog):
+    import types
+
+    from train_mla.recipe import resume_point
+
+    out = tmp_path / "run"
+    _save_ckpt(out / "checkpoint-10", 10)
+    _save_ckpt(out / "checkpoint-20", 20)
+    _save_ckpt(out / "checkpoint-30", 30, complete=False)  # killed before trainer_state.json
+    data = (out / "checkpoint-20" / "model.safetensors").read_bytes()
+    (out / "checkpoint-20" / "model.safetensors").write_bytes(data[:-40])  # truncated weights
+    (out / "checkpoint-40").mkdir()  # empty
+    args = types.SimpleNamespace(resume_from_checkpoint=None, output_dir=str(out), overwrite_output_dir=False)
+    with caplog.at_level("WARNING", logger="train_mla"):
+        assert resume_point(args) == str(out / "checkpoint-10")
+    text = caplog.text
+    assert "checkpoint-40" in text and "checkpoint-30" in text and "trainer_state.json is missing" in text
+    assert "checkpoint-20" in text and "model.safetensors" in text and "cut short" in text
+
+    # a final save cut short (config written, weights not) resumes from the checkpoint instead of refusing
+    (out / "config.json").write_text("{}")
+    assert resume_point(args) == str(out / "checkpoint-10")
+    _save_ckpt(tmp_path / "whole", 0)  # a complete final model is refused
+    (tmp_path / "whole" / "trainer_state.json").unlink()
+    args.output_dir = str(tmp_path / "whole")
+    from train_mla.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="finished model"):
+        resume_point(args)
+
+
+def test_one_run_per_output_dir(tmp_path, caplog):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from train_mla.recipe import OutputLock, RecipeError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    host = socket.gethostname()
+    (out / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": host}))  # a live process holds it
+    with pytest.raises(RecipeError, match=r"in use by process"):
+        OutputLock(out).acquire()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / ".lock").write_text(json.dumps({"pid": dead.pid, "host": host}))
+    lock = OutputLock(out)
+    with caplog.at_level("WARNING", logger="train_mla"):
+        lock.acquire()
+    assert "stale lock" in caplog.text and json.loads((out / ".lock").read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (out / ".lock").exists()
+
+
+def test_bad_dataset_files_are_named_with_the_row(tmp_path):
+    from train_mla.data import mix_datasets
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=r"empty\.jsonl' is empty"):
+        mix_datasets({str(empty): 1.0}, ["train"], columns=("messages", "text"))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": null}\n')
+    with pytest.raises(ValueError, match=r"rows\.jsonl.*row 1 \(counting from 0\) has no non-empty 'messages'"):
+        mix_datasets({str(rows): 1.0}, ["train"], columns=("messages", "text"))
+    with pytest.raises(FileNotFoundError, match=r"python -m train_mla\.sharegpt --output_dir .*data/sharegpt`"):
+        mix_datasets({str(tmp_path / "data/sharegpt/chat_train.jsonl"): 1.0}, ["train"], columns=("messages", "text"))

@@ -150,3 +150,35 @@ def test_bf16_autocast_keeps_fp32_master_weights(tiny_run):
     print(f"moved alike {moved:.4f}, norm ratio {ratio:.4f}, cosine {cos:.4f}")
     assert moved > 0.99, f"{moved:.1%} of the weights moved (or stayed) as in the fp32 reference"
     assert 0.9 < ratio < 1.1 and cos > 0.95, (ratio, cos)
+
+
+def test_a_leftover_upcycled_model_is_reused_only_for_the_same_settings(tiny_run, tmp_path):
+    full = tiny_run / "full"
+    if not (full / "upcycled").is_dir():
+        pytest.skip("needs the run of test_loss_falls_and_resume_reproduces_an_uninterrupted_run")
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copytree(full / "upcycled", other / "upcycled")
+    r = _run(tiny_run / "recipe.yaml", "--output_dir", other, "--kv_lora_rank", 8, "--max_steps", 2)
+    assert r.returncode != 0 and "upcycled with other settings" in r.stderr and "mla_arguments.kv_lora_rank: 16 there, 8 now" in r.stderr
+    assert "Tokenis" not in r.stdout + r.stderr  # refused before any heavy work
+    # a half-written one (0-byte config) is removed and made again
+    (other / "upcycled" / "config.json").write_text("")
+    r = _run(tiny_run / "recipe.yaml", "--output_dir", other, "--max_steps", 2, "--save_steps", 100)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Removing the incomplete upcycled model" in r.stdout + r.stderr
+    assert json.loads((other / "config.json").read_text())["kv_lora_rank"] == 16
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--kv_lora_rank", "0"], "kv_lora_rank=0 is invalid"),
+    (["--kv_lora_rank", "100000"], "kv_lora_rank=100000 is invalid"),
+    (["--qk_rope_head_dim", "7"], "qk_rope_head_dim=7 is invalid"),
+    (["--torch_dtype", "fp32"], "torch_dtype='fp32'"),
+    (["--output_dir"], "'--output_dir' has no value"),
+])
+def test_bad_settings_fail_before_any_heavy_work(tiny_run, tmp_path, override, message):
+    out = ["--output_dir", tmp_path / "o"] if override != ["--output_dir"] else []
+    r = _run(tiny_run / "recipe.yaml", *out, *override)
+    assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
+    assert "Tokenis" not in r.stdout + r.stderr and "Traceback" not in r.stderr

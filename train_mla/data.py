@@ -30,6 +30,10 @@ def load_source(source: str, splits: list[str]) -> dict:
             raise ValueError(f"dataset file {source!r}: unsupported extension (use one of {sorted(FILE_BUILDERS)})")
         extra = {"sample_by": "paragraph"} if builder == "text" else {}  # .txt: one document per paragraph
         split = "test" if any(w in path.name for w in ("test", "valid")) else "train"  # e.g. chat_test.jsonl
+        if path.suffix != ".gz" and path.suffix != ".parquet":
+            with open(path, "rb") as f:
+                if not f.read(1 << 16).strip():
+                    raise ValueError(f"dataset file {source!r} is empty")
         return {split: load_dataset(builder, data_files=str(path), split="train", **extra)}
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
@@ -37,6 +41,9 @@ def load_source(source: str, splits: list[str]) -> dict:
             return dict(loaded) if hasattr(loaded, "keys") else {"train": loaded}
         loaded = load_dataset(str(path))
         return {s: loaded[s] for s in splits if s in loaded} or dict(loaded)
+    if "sharegpt" in source and source.endswith(".jsonl"):
+        raise FileNotFoundError(f"dataset {source!r} does not exist; build it with "
+                                f"`python -m train_mla.sharegpt --output_dir {Path(source).parent}`")
     if source.startswith((".", "/", "~")) or source.count("/") != 1:
         raise FileNotFoundError(f"dataset {source!r} is neither an existing local path nor a hub id (owner/name)")
     _check_hub_reachable_dataset(source)
@@ -59,8 +66,25 @@ def _check_hub_reachable_dataset(repo_id: str) -> None:
         raise ModelNotFoundError(str(e).replace("Download it", "Download the dataset")) from None
 
 
+ROW_RULES = {  # what a usable row holds, by the columns a script reads
+    ("messages", "text"): (lambda r: bool(r.get("messages")) or bool(r.get("text")), "non-empty 'messages' or 'text'"),
+    ("prompt", "chosen", "rejected"): (lambda r: bool(r.get("chosen")) and bool(r.get("rejected")),
+                                       "non-empty 'chosen' and 'rejected'"),
+}
+
+
+def first_bad_row(ds, columns) -> int | None:
+    """Index of the first row that lacks what the `columns` rule asks for, or None."""
+    rule = ROW_RULES.get(tuple(columns)) if columns is not None else None
+    if rule is None:
+        return None
+    ok = rule[0]
+    return next((i for i, row in enumerate(ds) if not ok(row)), None)
+
+
 def mix_datasets(mixer: dict, splits: list[str], test_split_size: float = 0.0, seed: int = 42, columns=None):
-    """DatasetDict(train=..., test=...): each source's train rows subsampled by its fraction, then shuffled."""
+    """DatasetDict(train=..., test=...): each source's train rows subsampled by its fraction, then shuffled. Every
+    row is checked first: an empty source, or the first row without the fields it needs, is an error naming both."""
     from datasets import DatasetDict, concatenate_datasets
 
     train, test = [], []
@@ -72,6 +96,12 @@ def mix_datasets(mixer: dict, splits: list[str], test_split_size: float = 0.0, s
                     raise ValueError(f"dataset {source!r} split {split!r} has none of the columns {columns} "
                                      f"(it has {ds.column_names})")
                 ds = ds.select_columns(keep)
+                if len(ds) == 0:
+                    raise ValueError(f"dataset {source!r} split {split!r} has no rows")
+                bad = first_bad_row(ds, columns)
+                if bad is not None:
+                    raise ValueError(f"dataset {source!r} split {split!r}: row {bad} (counting from 0) has no "
+                                     f"{ROW_RULES[tuple(columns)][1]}: {str(ds[bad])[:200]}")
             if "test" in split or "valid" in split:
                 test.append(ds)
             elif "train" in split:

@@ -94,6 +94,35 @@ def _check_hub_reachable(repo_id: str) -> None:
                                  f"({e}). Use a local path, or set HF_HUB_OFFLINE=1 with a filled cache.") from e
 
 
+def source_fingerprint(name_or_path: str) -> str:
+    """A cheap identity of a model source, to tell whether an upcycled model was made from it: the package version,
+    the hub id (its revision is recorded beside it), or for local files the hash of config.json and the names and
+    sizes of the weight files (of a .gguf: its size and the hash of its first 16 MiB)."""
+    import hashlib
+
+    if name_or_path.startswith(PACKAGE_PREFIX):
+        from importlib.metadata import PackageNotFoundError, version
+
+        package = name_or_path[len(PACKAGE_PREFIX):]
+        try:
+            return f"{package}=={version(package.replace('_', '-'))}"
+        except PackageNotFoundError:
+            return f"{package} (not installed)"
+    path = Path(name_or_path).expanduser()
+    h = hashlib.sha256()
+    if path.is_file():
+        with open(path, "rb") as f:
+            h.update(f.read(16 << 20))
+        return f"{path.stat().st_size}:{h.hexdigest()[:16]}"
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            h.update((path / "config.json").read_bytes())
+        for w in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+            h.update(f"{w.name}:{w.stat().st_size}".encode())
+        return h.hexdigest()[:16]
+    return "hub"
+
+
 def dtype_of(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"torch_dtype={name!r}: allowed values are {sorted(DTYPES)}")
@@ -125,6 +154,16 @@ def load_tokenizer(name_or_path: str, revision: str = "main", chat_template: str
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def load_config(name_or_path: str, revision: str = "main"):
+    """The model's config alone (no weights): for the checks that must come before any heavy work."""
+    from transformers import AutoConfig
+
+    import train_mla  # noqa: F401
+
+    where, gguf = resolve(name_or_path)
+    return AutoConfig.from_pretrained(where, **({"gguf_file": gguf} if gguf else {"revision": revision}))
 
 
 def is_mla_checkpoint(name_or_path: str) -> bool:

@@ -97,10 +97,13 @@ def _parse_overrides(tokens: list[str]) -> dict:
             key, raw = tok[2:], tokens[i + 1]
             i += 2
         else:
-            key, raw = tok[2:], "true"
+            key, raw = tok[2:], _BARE_FLAG
             i += 1
         out[key] = _RawCLI(raw)
     return out
+
+
+_BARE_FLAG = "\0bare"  # `--key` with no value: true for a boolean key, an error for any other
 
 
 class _RawCLI(str):
@@ -139,11 +142,15 @@ def parse_recipe(types_, argv=None, *, prog=None, description="", ignore_unknown
         path = Path(argv.pop(0))
         if not path.is_file():
             raise RecipeError(f"recipe file {str(path)!r} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RecipeError(f"recipe file {str(path)!r} is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
             raise RecipeError(f"recipe file {str(path)!r} must be a mapping of key: value")
         values, source = {**values, **loaded}, str(path)
-    values.update(_parse_overrides(argv))
+    overrides = _parse_overrides(argv)
+    values.update(overrides)
 
     owners = {}
     for cls in types_:
@@ -156,8 +163,15 @@ def parse_recipe(types_, argv=None, *, prog=None, description="", ignore_unknown
             if key in ignorable:
                 continue
             near = difflib.get_close_matches(key, list(owners), n=1)
-            raise RecipeError(f"unknown recipe key '{key}' in {source}" + (f" (did you mean '{near[0]}'?)" if near else ""))
+            where = "on the command line" if key in overrides else f"in {source}"
+            raise RecipeError(f"unknown recipe key '{key}' {where}" + (f" (did you mean '{near[0]}'?)" if near else ""))
         cls, (tp, _) = owners[key]
+        if isinstance(value, _RawCLI) and value == _BARE_FLAG:
+            if tp is not bool and not (typing.get_origin(tp) in (typing.Union, types.UnionType)
+                                       and bool in typing.get_args(tp)):
+                raise RecipeError(f"command-line flag '--{key}' has no value: write --{key} VALUE "
+                                  f"({_name(tp)})")
+            value = _RawCLI("true")
         if isinstance(value, _RawCLI):
             try:
                 value = _coerce(key, value.parsed(), tp)
@@ -198,31 +212,171 @@ def refuse_existing_output(path: str | Path, overwrite: bool) -> None:
         raise RecipeError(f"output directory {str(p)!r} exists and is not empty; choose another one.")
 
 
-KNOWN_RUN_ENTRIES = {"upcycled", "runs", "train.log"}  # written before the first checkpoint
+KNOWN_RUN_ENTRIES = {"upcycled", "runs", "train.log", ".lock"}  # written before the first checkpoint
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file is unusable (None = its header is whole and the file as long as the header says)."""
+    import json
+    import struct
+
+    size = path.stat().st_size
+    if size < 8:
+        return f"{path.name} is {size} bytes long"
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        if 8 + n > size:
+            return f"{path.name}: its header runs past the end of the file (cut short)"
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            return f"{path.name}: its header is not valid JSON"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    return None if 8 + n + end == size else f"{path.name} holds {size} bytes, its header needs {8 + n + end} (cut short)"
+
+
+def saved_model_problem(folder: Path) -> str | None:
+    """Why `folder` holds no complete saved model (config + weights); None = complete."""
+    config = folder / "config.json"
+    if not config.is_file() or config.stat().st_size == 0:
+        return "config.json is missing or empty"
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        return "no .safetensors weights"
+    return next((p for p in map(safetensors_problem, weights) if p), None)
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why a checkpoint-N folder cannot be resumed from; None = complete. The Trainer writes trainer_state.json last,
+    so a checkpoint counts only once it is there; every other file must be non-empty, every weight file whole."""
+    import json
+
+    state = ckpt / "trainer_state.json"
+    if not state.is_file():
+        return "trainer_state.json is missing (the save was cut short)"
+    try:
+        json.loads(state.read_text())
+    except ValueError:
+        return "trainer_state.json is not valid JSON"
+    empty = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.stat().st_size == 0)
+    if empty:
+        return f"empty file(s): {', '.join(empty[:3])}"
+    deepspeed = any(ckpt.glob("global_step*"))
+    weights = sorted(ckpt.glob("*.safetensors"))
+    if not weights and not deepspeed:
+        return "no model weights"
+    return next((p for p in map(safetensors_problem, weights) if p), None)
+
+
+def newest_complete_checkpoint(out: Path, log=print) -> str | None:
+    """The complete checkpoint-N with the largest N; each newer incomplete one is named with what is wrong with it."""
+    found = sorted((int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*")
+                   if p.is_dir() and p.name.split("-")[1].isdigit())
+    for _, ckpt in reversed(found):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return str(ckpt)
+        log(f"Skipping the incomplete checkpoint {ckpt}: {problem}")
+    return None
 
 
 def resume_point(args) -> str | None:
     """The checkpoint to resume from, or None for a fresh start; refuses to clobber a finished run."""
-    from transformers.trainer_utils import get_last_checkpoint
+    import logging
 
+    log = logging.getLogger("train_mla").warning
     if args.resume_from_checkpoint:
-        if not Path(args.resume_from_checkpoint).is_dir():
+        ckpt = Path(args.resume_from_checkpoint)
+        if not ckpt.is_dir():
             raise RecipeError(f"resume_from_checkpoint={args.resume_from_checkpoint!r} is not a directory")
+        problem = checkpoint_problem(ckpt)
+        if problem:
+            raise RecipeError(f"resume_from_checkpoint={args.resume_from_checkpoint!r} is incomplete: {problem}")
         return args.resume_from_checkpoint
     out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"output_dir {str(out)!r} exists and is not a directory")
     if not out.is_dir() or not any(out.iterdir()) or args.overwrite_output_dir:
         return None
-    if (out / "config.json").exists():
+    last = newest_complete_checkpoint(out, log)
+    final = saved_model_problem(out) if (out / "config.json").exists() else "absent"
+    if final is None:
         raise RecipeError(f"output_dir {str(out)!r} holds a finished model; choose another output_dir "
                           "or set overwrite_output_dir: true")
-    last = get_last_checkpoint(str(out))
+    if final != "absent":
+        if last is None:
+            raise RecipeError(f"output_dir {str(out)!r} holds a half-written final model ({final}) and no complete "
+                              "checkpoint: choose another output_dir or set overwrite_output_dir: true")
+        log(f"The final model in {out} is incomplete ({final}): resuming from {last}, which saves it again")
     if last is not None:
         return last
-    unknown = sorted(p.name for p in out.iterdir() if p.name not in KNOWN_RUN_ENTRIES)
+    unknown = sorted(p.name for p in out.iterdir() if p.name not in KNOWN_RUN_ENTRIES and not p.name.startswith("checkpoint-"))
     if unknown:
         raise RecipeError(f"output_dir {str(out)!r} is not empty ({', '.join(unknown[:5])}); choose another "
                           "output_dir or set overwrite_output_dir: true")
     return None
+
+
+class OutputLock:
+    """One run per output folder: `output_dir/.lock` holds the PID and host of the run that owns it. A second run stops
+    with a message; a lock whose process is gone (same host) is taken over with a warning. Released at exit."""
+
+    def __init__(self, output_dir: str | Path):
+        self.path = Path(output_dir) / ".lock"
+
+    def acquire(self) -> None:
+        import atexit
+        import json
+        import logging
+        import os
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    owner = json.loads(self.path.read_text())
+                except ValueError:
+                    owner = {}
+                if owner.get("host") == me["host"] and not _alive(owner.get("pid")):
+                    logging.getLogger("train_mla").warning(
+                        f"Taking over the stale lock {self.path} of process {owner.get('pid')} (no longer running)")
+                    self.path.unlink(missing_ok=True)
+                    continue
+                raise RecipeError(f"output_dir {str(self.path.parent)!r} is in use by process {owner.get('pid')} on "
+                                  f"{owner.get('host')} (lock file {self.path}); wait for it, or remove the lock if "
+                                  "that run is gone") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            atexit.register(self.release)
+            return
+
+    def release(self) -> None:
+        import json
+        import os
+
+        try:
+            if json.loads(self.path.read_text()).get("pid") == os.getpid():
+                self.path.unlink()
+        except (OSError, ValueError):
+            pass
+
+
+def _alive(pid) -> bool:
+    import os
+
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def start_run(types_, argv, description: str):
@@ -240,6 +394,8 @@ def start_run(types_, argv, description: str):
         defaults["use_cpu"] = True  # recipes are written for GPUs: on a machine without one, run on the CPU
     try:
         parsed = parse_recipe(types_, argv, defaults=defaults, description=description)
+        if int(os.environ.get("RANK", "0")) == 0:  # one lock per run, held by its main process
+            OutputLock(parsed[-1].output_dir).acquire()
         checkpoint = resume_point(parsed[-1])
     except RecipeError as e:
         raise SystemExit(f"error: {e}") from None

@@ -31,30 +31,82 @@ def check_same_vocabulary(student_tok, teacher_tok, student_name, teacher_name):
                           f"do not share a vocabulary (first differences: {diff}); distillation needs the same one.")
 
 
+def upcycle_record(model_args, mla_args) -> dict:
+    """What made an upcycled model: the source (id, revision, fingerprint of its files) and every MLA/init argument."""
+    import json
+
+    from train_mla.model_loading import source_fingerprint
+
+    return json.loads(json.dumps({"source": model_args.model_name_or_path, "revision": model_args.model_revision,
+                                  "source_fingerprint": source_fingerprint(model_args.model_name_or_path),
+                                  "mla_arguments": asdict(mla_args)}))
+
+
+def check_upcycled(path: Path, record: dict) -> bool:
+    """True when `path` holds a complete upcycled model made from exactly `record`; False when there is none (a
+    half-written one is removed); an error naming the keys that differ when it was made from something else."""
+    import json
+    import shutil
+
+    from train_mla.recipe import saved_model_problem
+
+    if not path.exists():
+        return False
+    problem = saved_model_problem(path)
+    if problem is None and not (path / "kv_cache.json").is_file():
+        problem = "kv_cache.json is missing"
+    if problem:
+        logger.warning(f"Removing the incomplete upcycled model in {path} ({problem}); upcycling again")
+        shutil.rmtree(path)
+        return False
+    saved = json.loads((path / "kv_cache.json").read_text())
+    diff = [k for k in record if k != "mla_arguments" and saved.get(k) != record[k]]
+    diff += [f"mla_arguments.{k}" for k, v in record["mla_arguments"].items() if saved.get("mla_arguments", {}).get(k) != v]
+    if diff:
+        shown = "; ".join(f"{k}: {_get(saved, k)!r} there, {_get(record, k)!r} now" for k in diff[:6])
+        raise RecipeError(f"{path} was upcycled with other settings ({shown}). Choose another output_dir, or set "
+                          "overwrite_output_dir: true to start afresh.")
+    return True
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d.get(part) if isinstance(d, dict) else None
+    return d
+
+
 def build_student(model_args, mla_args, args, tokenizer):
     """MLA student: continued from an MLA checkpoint, or upcycled once (main process) into output_dir/upcycled."""
+    import os
+    import shutil
+
+    import torch
+
     from train_mla.model_loading import full_weights_here, is_mla_checkpoint, load_causal_lm
     from train_mla.modeling_llama_mla import LlamaMLAForCausalLM
     from train_mla.upcycle import save_mla_checkpoint, upcycle
-
-    import torch
 
     source = model_args.model_name_or_path
     if is_mla_checkpoint(source):
         logger.info(f"Continuing from the MLA checkpoint {source}")
         path = source
     else:
-        path = str(Path(args.output_dir) / "upcycled")
+        path = Path(args.output_dir) / "upcycled"
+        record = upcycle_record(model_args, mla_args)
         with args.main_process_first(desc="upcycle"):
-            if not (Path(path) / "config.json").exists():
+            if args.overwrite_output_dir and path.exists() and args.process_index == 0:
+                shutil.rmtree(path)
+            if not check_upcycled(path, record):
                 with full_weights_here(args):
                     llama = load_causal_lm(source, "float32", model_args.attn_implementation, model_args.model_revision)
                     mla = upcycle(llama, mla_args, log=logger.info, tokenizer=tokenizer)  # float32
-                    save_mla_checkpoint(mla, tokenizer, path, llama.config,
-                                        extra={"source": source, "mla_arguments": asdict(mla_args)})
+                    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")  # written whole, then renamed into place
+                    save_mla_checkpoint(mla, tokenizer, tmp, llama.config, extra=record)
+                    tmp.replace(path)
                     del llama, mla
             else:
-                logger.info(f"Reusing the upcycled model in {path}")
+                logger.info(f"Reusing the upcycled model in {path} (made from the same source and settings)")
+        path = str(path)
     # trained weights are float32 master copies; bf16 is for compute (autocast) and for the frozen teacher
     model = LlamaMLAForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                 attn_implementation=model_args.attn_implementation)
@@ -69,26 +121,39 @@ def main(argv=None):
     import train_mla  # noqa: F401  (Auto registration)
     from train_mla.data import PackedCollator, prepare_lm_dataset
     from train_mla.distill_trainer import DistillTrainer
-    from train_mla.model_loading import is_mla_checkpoint, load_causal_lm, load_tokenizer
+    from train_mla.model_loading import ModelNotFoundError, is_mla_checkpoint, load_causal_lm, load_config, load_tokenizer
+    from train_mla.upcycle import build_config
 
     args.remove_unused_columns = False
     if args.compile_layers is None:
         args.compile_layers = args.device.type == "cuda"
 
-    # -- cheap checks before anything heavy: tokenizers and the teacher's vocabulary
-    tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision, data_args.chat_template)
-    teacher_name = args.teacher_model_name_or_path
-    if teacher_name is None:
-        if is_mla_checkpoint(model_args.model_name_or_path):
-            raise SystemExit("error: teacher_model_name_or_path is required when continuing from an MLA checkpoint")
-        teacher_name = model_args.model_name_or_path
+    # -- cheap checks before anything heavy: tokenizers, the teacher's vocabulary, the MLA shapes against the source's
+    #    config (read alone), a leftover upcycled model
     try:
+        tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision, data_args.chat_template)
+        teacher_name = args.teacher_model_name_or_path
+        continuing = is_mla_checkpoint(model_args.model_name_or_path)
+        if teacher_name is None:
+            if continuing:
+                raise RecipeError("teacher_model_name_or_path is required when continuing from an MLA checkpoint")
+            teacher_name = model_args.model_name_or_path
         check_same_vocabulary(tokenizer, load_tokenizer(teacher_name), model_args.model_name_or_path, teacher_name)
-    except RecipeError as e:
+        if not continuing:
+            try:
+                build_config(load_config(model_args.model_name_or_path, model_args.model_revision), mla_args)
+            except ValueError as e:
+                raise RecipeError(f"the MLA settings do not fit {model_args.model_name_or_path}: {e}") from None
+            if not args.overwrite_output_dir and args.process_index == 0:
+                check_upcycled(Path(args.output_dir) / "upcycled", upcycle_record(model_args, mla_args))
+    except (RecipeError, ModelNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
 
     with args.main_process_first(desc="tokenise"):
-        data = prepare_lm_dataset(data_args, tokenizer, seed=args.seed, log=logger.info)
+        try:
+            data = prepare_lm_dataset(data_args, tokenizer, seed=args.seed, log=logger.info)
+        except (ValueError, FileNotFoundError, ModelNotFoundError) as e:
+            raise SystemExit(f"error: {e}") from None
     if checkpoint:
         logger.info(f"Resuming from {checkpoint}")
 

@@ -59,13 +59,19 @@ def main(argv=None):
 
     import train_mla  # noqa: F401  (Auto registration)
     from train_mla.data import mix_datasets
-    from train_mla.model_loading import load_causal_lm, load_tokenizer, resolve
+    from train_mla.model_loading import ModelNotFoundError, load_causal_lm, load_tokenizer, resolve
 
 
-    tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision, data_args.chat_template)
+    try:
+        tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision, data_args.chat_template)
+    except ModelNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
     with args.main_process_first(desc="load preference data"):
-        data = mix_datasets(data_args.dataset_mixer, data_args.dataset_splits, data_args.test_split_size, args.seed,
-                            columns=("prompt", "chosen", "rejected"))
+        try:
+            data = mix_datasets(data_args.dataset_mixer, data_args.dataset_splits, data_args.test_split_size, args.seed,
+                                columns=("prompt", "chosen", "rejected"))
+        except (ValueError, FileNotFoundError, ModelNotFoundError) as e:
+            raise SystemExit(f"error: {e}") from None
     train = data["train"]
     if data_args.max_train_samples is not None:
         train = train.select(range(min(len(train), data_args.max_train_samples)))
