@@ -27,7 +27,7 @@ while [ $# -gt 0 ]; do
     --device) DEVICE=$2; shift 2 ;;
     --dtype) DTYPE=$2; shift 2 ;;
     --limit) LIMIT=$2; shift 2 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     --*) echo "eval.sh: unknown option $1 (see bash eval.sh --help)" >&2; exit 2 ;;
     *) args+=("$1"); shift ;;
   esac

@@ -55,6 +55,9 @@ def test_stock_deepseek_v3_reproduces_the_mla_model(rope_init, rope, tmp_path):
     extra = {"rope_freq_indices": [0, 1, 2, 3]} if rope else {}  # llama3 leaves these four frequencies unscaled
     model = _mla(src, rope_init=rope_init, **extra)
     export(model, None, tmp_path / "ds")
+    import json
+
+    assert json.loads((tmp_path / "ds" / "config.json").read_text())["rope_interleave"] is True  # engines' convention
     x = torch.randint(3, 97, (2, 24))
     out = _stock_run(tmp_path / "ds", x, tmp_path)
     with torch.no_grad():

@@ -176,6 +176,7 @@ def test_a_leftover_upcycled_model_is_reused_only_for_the_same_settings(tiny_run
     (["--qk_rope_head_dim", "7"], "qk_rope_head_dim=7 is invalid"),
     (["--torch_dtype", "fp32"], "torch_dtype='fp32'"),
     (["--output_dir"], "'--output_dir' has no value"),
+    (["--export_deepseek_dir", "/nonexistent/ds"], "export_deepseek_dir needs use_lora_layer_norm: true"),
 ])
 def test_bad_settings_fail_before_any_heavy_work(tiny_run, tmp_path, override, message):
     out = ["--output_dir", tmp_path / "o"] if override != ["--output_dir"] else []

@@ -124,3 +124,28 @@ def test_non_llama_and_bias_sources_are_refused():
     src = tiny_llama(attention_bias=True)
     with pytest.raises(ValueError, match="attention_bias"):
         upcycle(src, _mla(), log=lambda *_: None)
+
+
+def test_latent_norms_of_the_exportable_layout_keep_the_fitted_scale(tmp_path, monkeypatch):
+    """RMSNorm on the latents (DeepSeek-V3 layout) is initialised to the latents' typical rms, so the exportable model
+    stays as close to the source as the one without norms; weights of ones (the old init) drift away."""
+    import train_mla.upcycle as U
+    from conftest import tiny_with_calibration
+
+    src, tok, root = tiny_with_calibration(tmp_path, torch.float32)
+    x = torch.randint(3, 300, (4, 48))
+    with torch.no_grad():
+        ref = torch.log_softmax(src(x).logits, -1)
+
+    def kl(**kw):
+        args = MLAArguments(q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=16, rope_freq_indices=list(range(8)),
+                            init_method="activation", calibration_dataset=str(root / "calib.txt"),
+                            calibration_samples=8, calibration_seq_length=64, **kw)
+        with torch.no_grad():
+            lp = torch.log_softmax(U.upcycle(src, args, log=lambda *_: None, tokenizer=tok)(x).logits, -1)
+        return (ref.exp() * (ref - lp)).sum(-1).mean().item()
+
+    plain, calibrated = kl(), kl(use_lora_layer_norm=True)
+    monkeypatch.setattr(U, "latent_rms", lambda down, C: torch.ones((), dtype=torch.float64))
+    ones = kl(use_lora_layer_norm=True)
+    assert calibrated - plain < 0.25 * (ones - plain), (plain, calibrated, ones)

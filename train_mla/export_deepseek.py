@@ -3,7 +3,8 @@
     python -m train_mla.export_deepseek CKPT OUT
 
 The result loads in unmodified transformers (and engines that read DeepSeek-V3 checkpoints) with the same
-logits. What DeepSeek-V3 cannot represent exactly is refused, with the recipe setting that makes it exportable:
+logits. RoPE rows are written in DeepSeek's interleaved order (`rope_interleave: true`), the convention llama.cpp and
+vLLM assume for DeepSeek models. What DeepSeek-V3 cannot represent exactly is refused, with the recipe setting that makes it exportable:
 latents without RMSNorm, per-layer ranks, hybrid GQA layers, biases, and a RoPE key whose frequencies are not a
 geometric series theta^(-2j/d_rope) (e.g. Llama-3's `llama3` scaling of the kept frequencies).
 """
@@ -75,6 +76,27 @@ def deepseek_config(cfg: LlamaMLAConfig):
     )
 
 
+def interleaved_order(d_r: int) -> torch.Tensor:
+    """Row order taking a RoPE block from Llama's half layout (pair j = rows j and j + d_r/2) to DeepSeek's
+    interleaved one (pair j = rows 2j and 2j + 1): new row 2j is old row j, new row 2j + 1 is old row j + d_r/2."""
+    half = d_r // 2
+    return torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).reshape(-1)
+
+
+def interleave_rope_rows(state: dict, cfg: LlamaMLAConfig) -> None:
+    """Permute, in place, the RoPE rows of every query projection (per head) and of the shared RoPE key, so that a
+    model rotating interleaved pairs computes exactly what the half-layout model does."""
+    H, d_n, d_r, order = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, interleaved_order(cfg.qk_rope_head_dim)
+    for name in list(state):
+        if name.endswith(("self_attn.q_proj.weight", "self_attn.q_b_proj.weight")):
+            w = state[name].view(H, d_n + d_r, -1)
+            state[name] = torch.cat([w[:, :d_n], w[:, d_n:][:, order]], dim=1).reshape(H * (d_n + d_r), -1).contiguous()
+        elif name.endswith("self_attn.kv_a_proj_with_mqa.weight"):
+            w = state[name]
+            r = w.shape[0] - d_r
+            state[name] = torch.cat([w[:r], w[r:][order]]).contiguous()
+
+
 def export(model, tokenizer, out_dir: str | Path) -> Path:
     """Write `model` (LlamaMLAForCausalLM) as a stock DeepSeek-V3 checkpoint with explicit lm_head."""
     from safetensors.torch import save_file
@@ -85,6 +107,9 @@ def export(model, tokenizer, out_dir: str | Path) -> Path:
         raise ExportError(f"output directory {str(out)!r} exists and is not empty")
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    if not model.config.rope_interleave:  # DeepSeek's convention, which engines assume: rotate adjacent pairs
+        interleave_rope_rows(state, model.config)
+        ds_cfg.rope_interleave = True
     state["lm_head.weight"] = model.get_output_embeddings().weight.detach().contiguous().clone()  # tied -> explicit
     ds_cfg.dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     ds_cfg.save_pretrained(out)

@@ -139,11 +139,18 @@ def main(argv=None):
                 raise RecipeError("teacher_model_name_or_path is required when continuing from an MLA checkpoint")
             teacher_name = model_args.model_name_or_path
         check_same_vocabulary(tokenizer, load_tokenizer(teacher_name), model_args.model_name_or_path, teacher_name)
+        export = Path(args.export_deepseek_dir) if args.export_deepseek_dir else None
+        if export is not None and export.exists() and (not export.is_dir() or any(export.iterdir())):
+            raise RecipeError(f"export_deepseek_dir {str(export)!r} exists and is not empty: the export at the end "
+                              "would be refused; choose another folder")
         if not continuing:
             try:
                 build_config(load_config(model_args.model_name_or_path, model_args.model_revision), mla_args)
             except ValueError as e:
                 raise RecipeError(f"the MLA settings do not fit {model_args.model_name_or_path}: {e}") from None
+            if args.export_deepseek_dir and not mla_args.use_lora_layer_norm:
+                raise RecipeError("export_deepseek_dir needs use_lora_layer_norm: true (DeepSeek-V3 always normalises "
+                                  "the latents); set it, or drop export_deepseek_dir")
             if not args.overwrite_output_dir and args.process_index == 0:
                 check_upcycled(Path(args.output_dir) / "upcycled", upcycle_record(model_args, mla_args))
     except (RecipeError, ModelNotFoundError) as e:

@@ -162,6 +162,13 @@ def allocate_kv_ranks(spectra: dict[int, torch.Tensor], mean_rank: int, multiple
     return ranks
 
 
+def latent_rms(down: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """sqrt(E[|c|^2] / r) for the latent c = down @ x with E[x x^T] = C (the identity without calibration data): the
+    weight that gives an RMS-normalised latent the scale its up-projection was fitted for (exact for tokens whose
+    latent has the typical rms; the refinement and training then fit through the norm)."""
+    return torch.sqrt(torch.trace(down @ C @ down.T).clamp_min(1e-30) / down.shape[0])
+
+
 def upcycle_layer(attn, cfg: LlamaMLAConfig, layer_idx: int, mla: MLAArguments, svd_kw: dict,
                   input_moment: torch.Tensor | None = None, kv_rank: int | None = None) -> LayerFactors:
     """Factorise one Llama attention layer into the MLA parameters (`input_moment`: E[x x^T] of its input;
@@ -219,10 +226,10 @@ def upcycle_layer(attn, cfg: LlamaMLAConfig, layer_idx: int, mla: MLAArguments, 
         down = torch.cat([down, down.new_zeros(r_kv - r_eff, D)], dim=0)
     out.tensors["kv_a_proj_with_mqa.weight"] = torch.cat([down, k_pe], dim=0)  # [r_kv + d_r, D]
     out.tensors["kv_b_proj.weight"] = up  # [H*(d_n+d_v), r_kv]
-    if cfg.use_lora_layer_norm:
-        out.tensors["kv_a_layernorm.weight"] = torch.ones(r_kv, dtype=torch.float64)
+    if cfg.use_lora_layer_norm:  # RMSNorm(c) = c / rms(c) * w: w = the latent's typical rms keeps its fitted scale
+        out.tensors["kv_a_layernorm.weight"] = latent_rms(down, C).expand(r_kv).clone()
         if cfg.q_lora_rank is not None:
-            out.tensors["q_a_layernorm.weight"] = torch.ones(out.q_rank, dtype=torch.float64)
+            out.tensors["q_a_layernorm.weight"] = latent_rms(out.tensors["q_a_proj.weight"], C).expand(out.q_rank).clone()
     out.kv_rank = r_kv
     return out
 
