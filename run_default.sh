@@ -45,11 +45,12 @@ t0=$(date +%s); stamp() { echo "[run_default] $(( $(date +%s) - t0 ))s: $*"; }
 stamp "1/5 data: ShareGPT conversations and preference pairs (data/sharegpt)"
 [ -f data/sharegpt/chat_test.jsonl ] || $PY -m train_mla.sharegpt --output_dir data/sharegpt
 stamp "2/5 stage 1: upcycle SmolLM2-135M-Instruct to MLA ($RECIPE) and distil (log: $OUT/stage1.log)"
-"${LAUNCH[@]}" train_mla/train_distill.py $RECIPE --output_dir "$OUT/stage1" "${S1[@]}" \
-  > "$OUT/stage1.log" 2>&1 || { tail -20 "$OUT/stage1.log"; exit 1; }
+progress() { tee "$1" | { grep -a --line-buffered -o '\[train_mla\] .*' || true; }; }  # the step lines on the console, all in the log
+"${LAUNCH[@]}" train_mla/train_distill.py $RECIPE --output_dir "$OUT/stage1" "${S1[@]}" 2>&1 \
+  | progress "$OUT/stage1.log" || { tail -20 "$OUT/stage1.log"; exit 1; }
 stamp "3/5 stage 2: DPO (log: $OUT/dpo.log)"
 "${LAUNCH[@]}" train_mla/train_dpo.py smollm2_135M/dpo.yaml --model_name_or_path "$OUT/stage1" --output_dir "$OUT/dpo" \
-  "${S2[@]}" > "$OUT/dpo.log" 2>&1 || { tail -20 "$OUT/dpo.log"; exit 1; }
+  "${S2[@]}" 2>&1 | progress "$OUT/dpo.log" || { tail -20 "$OUT/dpo.log"; exit 1; }
 stamp "4/5 eval.sh: original, upcycled (step 0), distilled, DPO"
 tasks=offline  # on a GPU, ../shared/data adds ARC-Easy, SIQA, LAMBADA, WikiText-2, TinyStories (too slow for 2 CPU cores)
 if [ "$gpu" = 1 ] && [ -d ../shared/data ] && [ "$quick" != 1 ]; then tasks=offline,shared; fi

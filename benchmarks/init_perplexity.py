@@ -42,6 +42,8 @@ INITS = {  # name -> MLAArguments overrides; "rope_fraction" moves KV budget fro
     "fastest + output + pca + kv_balance": dict(init_method="output", shared_rope_key="pca", kv_balance=True),
     "fastest + activation + pca + kv_balance, half RoPE key": dict(init_method="activation", shared_rope_key="pca",
                                                                    kv_balance=True, rope_fraction=0.5),
+    "fastest + activation + pca + kv_balance, latent norms (exportable)": dict(
+        init_method="activation", shared_rope_key="pca", kv_balance=True, use_lora_layer_norm=True),
     "fastest + activation + pca + kv_balance + allocated ranks": dict(
         init_method="activation", shared_rope_key="pca", kv_balance=True, allocate_kv_rank=True, rank_multiple=4),
     "fastest + activation + pca + kv_balance + refine": dict(init_method="activation", shared_rope_key="pca",

@@ -180,6 +180,9 @@ def main(argv=None):
                                      pad_to=data_args.max_seq_length if args.compile_layers else None),
         processing_class=tokenizer,
     )
+    from train_mla.progress import ProgressLine
+
+    trainer.add_callback(ProgressLine("stage 1"))
     result = trainer.train(resume_from_checkpoint=checkpoint)
     finish_run(trainer, result, student_dir, "distilled MLA model")
 

@@ -88,6 +88,9 @@ def main(argv=None):
     trainer = DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=train,
                          eval_dataset=data["test"] if "test" in data and (args.eval_strategy != "no" or args.eval_on_start) else None,
                          processing_class=tokenizer)
+    from train_mla.progress import ProgressLine
+
+    trainer.add_callback(ProgressLine("DPO"))
     result = trainer.train(resume_from_checkpoint=checkpoint)
     finish_run(trainer, result, resolve(model_args.model_name_or_path)[0], "DPO model")
 
