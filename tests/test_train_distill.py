@@ -74,11 +74,17 @@ def test_loss_falls_and_resume_reproduces_an_uninterrupted_run(tiny_run):
 
 
 def test_refuses_a_finished_output_dir_and_bad_recipes(tiny_run):
+    from safetensors.torch import save_file
+
     done = tiny_run / "done"
     done.mkdir()
     (done / "config.json").write_text("{}")
+    save_file({"w": torch.ones(4)}, done / "model.safetensors")
     r = _run(tiny_run / "recipe.yaml", "--output_dir", done)
     assert r.returncode != 0 and "finished model" in r.stderr
+    (done / "model.safetensors").write_bytes(b"")  # a final save cut short, with no checkpoint to resume from
+    r = _run(tiny_run / "recipe.yaml", "--output_dir", done)
+    assert r.returncode != 0 and "half-written final model" in r.stderr
     r = _run(tiny_run / "recipe.yaml", "--output_dir", tiny_run / "x", "--kv_lora_rnak", "8")
     assert r.returncode != 0 and "kv_lora_rnak" in r.stderr and "did you mean 'kv_lora_rank'" in r.stderr
     r = _run(tiny_run / "recipe.yaml", "--output_dir", tiny_run / "x", "--learning_rate", "fast")
