@@ -17,17 +17,21 @@ def _run(script, recipe, *overrides):
                           capture_output=True, text=True, env=env, cwd=REPO)
 
 
-def test_dpo_after_distillation(tmp_path):
+def _stage1(tmp_path, n: int, **over):
+    """A tiny distilled MLA model in tmp_path/stage1 (the DPO tests start from it)."""
     make_tiny_checkpoint(tmp_path / "model")
-    make_chat_data(tmp_path / "chat.jsonl", n=48)
+    make_chat_data(tmp_path / "chat.jsonl", n=n)
     distill = {"model_name_or_path": str(tmp_path / "model"), "torch_dtype": "float32", "q_lora_rank": 32,
                "kv_lora_rank": 16, "qk_rope_head_dim": 8, "dataset_mixer": {str(tmp_path / "chat.jsonl"): 1.0},
                "max_seq_length": 64, "processed_cache_dir": str(tmp_path / "cache"), "per_device_train_batch_size": 4,
-               "learning_rate": 3e-3, "max_steps": 10, "report_to": "none", "use_cpu": True,
-               "output_dir": str(tmp_path / "stage1")}
+               "report_to": "none", "use_cpu": True, "output_dir": str(tmp_path / "stage1"), **over}
     (tmp_path / "distill.yaml").write_text(yaml.safe_dump(distill))
     r = _run("train_distill.py", tmp_path / "distill.yaml")
     assert r.returncode == 0, r.stderr[-4000:]
+
+
+def test_dpo_after_distillation(tmp_path):
+    _stage1(tmp_path, 48, learning_rate=3e-3, max_steps=10)
 
     # a learnable preference: always answer "the cat sees the ball." rather than another sentence
     sents = synthetic_sentences(200, seed=5)
@@ -64,15 +68,7 @@ def test_dpo_under_bf16_autocast_moves_the_weights_as_fp32_does(tmp_path):
     """DPO's small learning rates need fp32 master weights: a bf16 policy would round most of these steps away."""
     from safetensors.torch import load_file
 
-    make_tiny_checkpoint(tmp_path / "model")
-    make_chat_data(tmp_path / "chat.jsonl", n=32)
-    distill = {"model_name_or_path": str(tmp_path / "model"), "torch_dtype": "float32", "q_lora_rank": 32,
-               "kv_lora_rank": 16, "qk_rope_head_dim": 8, "dataset_mixer": {str(tmp_path / "chat.jsonl"): 1.0},
-               "max_seq_length": 64, "processed_cache_dir": str(tmp_path / "cache"), "per_device_train_batch_size": 4,
-               "max_steps": 1, "learning_rate": 1e-12, "report_to": "none", "use_cpu": True,
-               "output_dir": str(tmp_path / "stage1")}
-    (tmp_path / "distill.yaml").write_text(yaml.safe_dump(distill))
-    assert _run("train_distill.py", tmp_path / "distill.yaml").returncode == 0
+    _stage1(tmp_path, 32, max_steps=1, learning_rate=1e-12)  # stage 1 = the upcycled model
     sents = synthetic_sentences(64, seed=5)
     with open(tmp_path / "prefs.jsonl", "w") as f:
         for s in sents:
