@@ -2,6 +2,7 @@
 # Score checkpoints with lm-eval (its standard `hf` model; MLA checkpoints load through the Auto registration).
 #
 #   bash eval.sh CKPT [CKPT ...] [--tasks T] [--num_fewshot N] [--batch_size B] [--device D] [--dtype T] [--limit N]
+#                [--max_length L] [--output DIR]
 #   bash eval.sh                      # scores the checkpoints listed in ckpts=(...) below
 #
 # Tasks: comma list of lm-eval task names and/or aliases (see eval_tasks/README.md):
@@ -11,13 +12,15 @@
 # Defaults (the paper's), each also settable through the environment: TASKS=paper NUM_FEWSHOT=0 BATCH_SIZE=16
 # DEVICE=cuda (cpu without a GPU) DTYPE=bfloat16 LIMIT= (all examples).
 # With several visible GPUs the checkpoints run in parallel, one GPU each; every job is awaited and the script
-# exits non-zero if any failed. Results: CKPT/eval/results.json (lm-eval output) and CKPT/eval/results.md.
+# exits non-zero if any failed. Results: CKPT/eval/results.json (lm-eval output) and CKPT/eval/results.md (hub ids
+# and packages: eval_results/NAME/), the log in a temporary file; --output DIR (one checkpoint) puts both in DIR.
+# --max_length L caps the context lm-eval gives the model (default: the model's max_position_embeddings).
 set -uo pipefail
 
 ckpts=()   # e.g. ckpts=(checkpoints/mla_1b_kv_64_q_1424_8bt checkpoints/mla_1b_kv_64_q_1424_8bt_dpo)
 
 TASKS=${TASKS:-paper}; NUM_FEWSHOT=${NUM_FEWSHOT:-0}; BATCH_SIZE=${BATCH_SIZE:-16}
-DEVICE=${DEVICE:-}; DTYPE=${DTYPE:-bfloat16}; LIMIT=${LIMIT:-}
+DEVICE=${DEVICE:-}; DTYPE=${DTYPE:-bfloat16}; LIMIT=${LIMIT:-}; MAX_LENGTH=; OUTPUT=
 args=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -27,7 +30,9 @@ while [ $# -gt 0 ]; do
     --device) DEVICE=$2; shift 2 ;;
     --dtype) DTYPE=$2; shift 2 ;;
     --limit) LIMIT=$2; shift 2 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    --max_length) MAX_LENGTH=$2; shift 2 ;;
+    --output) OUTPUT=$2; shift 2 ;;
+    -h|--help) sed -n '2,/^set /p' "$0" | sed '$d'; exit 0 ;;
     --*) echo "eval.sh: unknown option $1 (see bash eval.sh --help)" >&2; exit 2 ;;
     *) args+=("$1"); shift ;;
   esac
@@ -35,6 +40,10 @@ done
 [ ${#args[@]} -gt 0 ] && ckpts=("${args[@]}")
 if [ ${#ckpts[@]} -eq 0 ]; then
   echo "eval.sh: no checkpoint given: pass paths as arguments or edit ckpts=(...) in $0" >&2; exit 2
+fi
+if [ -n "$OUTPUT" ]; then
+  [ ${#ckpts[@]} -eq 1 ] || { echo "eval.sh: --output takes one checkpoint (got ${#ckpts[@]})" >&2; exit 2; }
+  mkdir -p "$OUTPUT" && OUTPUT=$(cd "$OUTPUT" && pwd)
 fi
 
 repo=$(cd "$(dirname "$0")" && pwd)
@@ -65,6 +74,7 @@ fi
 pids=(); names=(); logs=(); failed=0
 run_one() {  # $1 checkpoint, $2 GPU index or ""
   local extra=(); [ -n "$LIMIT" ] && extra+=(--limit "$LIMIT")
+  [ -n "$MAX_LENGTH" ] && extra+=(--max_length "$MAX_LENGTH"); [ -n "$OUTPUT" ] && extra+=(--output "$OUTPUT")
   local dev=$DEVICE; [ -n "$2" ] && dev=cuda
   (cd "$repo" && { [ -n "$2" ] && export CUDA_VISIBLE_DEVICES=$2; true; } && $PY -m train_mla.evaluate "$1" --tasks "$TASKS" \
      --num_fewshot "$NUM_FEWSHOT" --batch_size "$BATCH_SIZE" --device "$dev" --dtype "$DTYPE" "${extra[@]}")
@@ -73,7 +83,7 @@ slots=$([ "$DEVICE" != cpu ] && [ "$ngpu" -gt 1 ] && echo "$ngpu" || echo 1)
 i=0
 for c in "${resolved[@]}"; do
   gpu=""; [ "$slots" -gt 1 ] && gpu=$((i % slots))
-  log=$(mktemp -t eval_XXXX.log)
+  if [ -n "$OUTPUT" ]; then log=$OUTPUT/eval.log; else log=$(mktemp -t eval_XXXX.log); fi
   echo "[eval.sh] $c -> ${gpu:+GPU $gpu}${gpu:-$DEVICE} (log: $log)"
   run_one "$c" "$gpu" >"$log" 2>&1 &
   pids+=($!); names+=("$c"); logs+=("$log"); i=$((i + 1))

@@ -26,7 +26,7 @@ def tiny_run(tmp_path_factory):
         "processed_cache_dir": str(root / "cache"), "per_device_train_batch_size": 4, "learning_rate": 3e-3,
         "lr_scheduler_type": "cosine", "warmup_steps": 2, "max_steps": 30, "logging_steps": 1, "save_steps": 10,
         "save_total_limit": 3, "report_to": "none", "seed": 1, "use_cpu": True, "kl_weight": 1.0, "ce_weight": 0.1,
-        "loss_chunk_size": 50, "log_level": "info",
+        "loss_chunk_size": 50, "log_level": "info", "keep_checkpoints": True,
     }
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     return root

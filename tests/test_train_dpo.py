@@ -62,6 +62,11 @@ def test_dpo_after_distillation(tmp_path):
     with torch.no_grad():
         assert not torch.allclose(after(x).logits, before(x).logits)
     assert (tmp_path / "stage2" / "kv_cache.json").is_file() and (tmp_path / "stage2" / "tokenizer.json").is_file()
+    # finished runs keep no optimizer states (keep_checkpoints: false) and carry their own model card
+    for stage in ("stage1", "stage2"):
+        assert not list((tmp_path / stage).glob("checkpoint-*")), stage
+    card = (tmp_path / "stage2" / "README.md").read_text()
+    assert "DPO model" in card and str(tmp_path / "stage1") in card and "bytes per token" in card and "None" not in card
 
 
 def test_dpo_under_bf16_autocast_moves_the_weights_as_fp32_does(tmp_path):

@@ -148,6 +148,9 @@ class DistillConfig(TrainingArguments):
         "help": "After training, also write a stock DeepSeek-V3 checkpoint here (python -m train_mla.export_deepseek)."})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Start afresh in a non-empty output_dir (otherwise an existing run is resumed, a finished one refused)."})
+    keep_checkpoints: bool = field(default=False, metadata={
+        "help": "Keep the resumable checkpoint-N folders (optimizer states) once the final model is saved; false "
+                "removes them after the saved model checks complete."})
 
     def __post_init__(self):
         super().__post_init__()

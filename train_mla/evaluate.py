@@ -91,6 +91,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--limit", type=float, default=None, help="examples per task (testing only)")
     p.add_argument("--output", default=None, help="output dir (default CKPT/eval, or ./eval_results/NAME)")
+    p.add_argument("--max_length", type=int, default=None,
+                   help="longest context given to the model (default: its max_position_embeddings)")
     a = p.parse_args(argv)
 
     os.chdir(REPO)  # task YAMLs use paths relative to the repository root
@@ -118,6 +120,8 @@ def main(argv=None):
     model_args = {"pretrained": where, "dtype": a.dtype}
     if gguf:
         model_args["gguf_file"] = gguf
+    if a.max_length:
+        model_args["max_length"] = a.max_length
     print(f"[eval] {a.checkpoint}: tasks {tasks} on {device} ({a.dtype}), results -> {out}", flush=True)
     res = simple_evaluate(model="hf", model_args=model_args, tasks=tasks, num_fewshot=a.num_fewshot,
                           batch_size=a.batch_size, device=device, limit=a.limit, task_manager=tm, log_samples=False)

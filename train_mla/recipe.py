@@ -416,7 +416,8 @@ def start_run(types_, argv, description: str):
 
 def finish_run(trainer, result, source_dir: str | Path, what: str) -> None:
     """Shared end of the training scripts: metrics and state, the model (gathered from ZeRO-3 shards), the KV-cache
-    record of the source checkpoint copied beside it, and the DeepSeek-V3 export when the recipe asks for one."""
+    record of the source checkpoint copied beside it, a model card (README.md), the DeepSeek-V3 export when the recipe
+    asks for one; then, unless keep_checkpoints, the checkpoint-N folders go once the saved model checks complete."""
     import json
     import logging
     import shutil
@@ -435,6 +436,9 @@ def finish_run(trainer, result, source_dir: str | Path, what: str) -> None:
 
         shutil.copy(record, Path(args.output_dir, "kv_cache.json"))
         log.info("KV cache per token:\n" + format_kv_table(json.loads(record.read_text())))
+    out = Path(args.output_dir)
+    kv = json.loads((out / "kv_cache.json").read_text()) if (out / "kv_cache.json").is_file() else None
+    (out / "README.md").write_text(model_card(what, str(source_dir), out, kv, result.metrics))
     log.info(f"Saved the {what} to {args.output_dir}: {json.dumps(result.metrics)}")
     if args.export_deepseek_dir:
         from train_mla.export_deepseek import export_checkpoint
@@ -443,3 +447,29 @@ def finish_run(trainer, result, source_dir: str | Path, what: str) -> None:
         with full_weights_here(args):  # reload the gathered 16-bit model, whole, on this process
             export_checkpoint(args.output_dir, args.export_deepseek_dir)
         log.info(f"Exported a DeepSeek-V3 checkpoint to {args.export_deepseek_dir}")
+    problem = saved_model_problem(out)
+    ckpts = sorted(out.glob("checkpoint-*"))
+    if ckpts and not getattr(args, "keep_checkpoints", True) and problem is None:
+        size = sum(f.stat().st_size for c in ckpts for f in c.rglob("*") if f.is_file())
+        for c in ckpts:
+            shutil.rmtree(c)
+        log.info(f"Removed {len(ckpts)} resumable checkpoint(s) ({size / 1e9:.2f} GB of optimizer states) now that the "
+                 f"final model is saved (keep_checkpoints: true keeps them)")
+    elif problem:
+        log.warning(f"The final model in {out} is incomplete ({problem}): its checkpoints are kept")
+
+
+def model_card(what: str, source: str, out: Path, kv: dict | None, metrics: dict) -> str:
+    """README.md of a trained model: what it is, where it came from, its KV cache and how to load and score it."""
+    lines = [f"# {out.name}: {what}", "",
+             f"Trained with train_mla (X-EcoMLA upcycling of grouped-query attention into multi-head latent "
+             f"attention) from `{source}`.", ""]
+    if kv:
+        lines += [f"KV cache: {kv['mla_bytes_per_token']:,} bytes per token against {kv['source_bytes_per_token']:,} "
+                  f"for the GQA source ({100 * kv['kv_ratio']:.1f} %), {kv['layers']} layers, 2 bytes per value; "
+                  f"originally upcycled from `{kv.get('source', '?')}`.", ""]
+    lines += ["Training metrics: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in metrics.items()), "",
+              "Load with `import train_mla` then `transformers.AutoModelForCausalLM.from_pretrained(path)`; score with "
+              "`bash eval.sh path`; chat with `python -m train_mla.chat path`.", ""]
+    return "\n".join(lines)

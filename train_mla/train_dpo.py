@@ -50,6 +50,9 @@ class DPOArguments(DPOConfig):
         "help": "Start afresh in a non-empty output_dir (otherwise an existing run is resumed, a finished one refused)."})
     export_deepseek_dir: str | None = field(default=None, metadata={
         "help": "After training, also write a stock DeepSeek-V3 checkpoint here (python -m train_mla.export_deepseek)."})
+    keep_checkpoints: bool = field(default=False, metadata={
+        "help": "Keep the resumable checkpoint-N folders (optimizer states) once the final model is saved; false "
+                "removes them after the saved model checks complete."})
 
 
 def main(argv=None):
