@@ -116,3 +116,16 @@ def test_smollm2_export_matches_in_stock_transformers(tmp_path):
         assert diff64 < 1e-8  # the same function
         assert diff32 <= 1e-4
         assert torch.equal(out64["gen"], model.generate(x, max_new_tokens=12, do_sample=False))
+
+
+def test_engine_shape_warnings(tmp_path, caplog):
+    from train_mla.export_deepseek import engine_warnings
+
+    assert engine_warnings(512, 64) == []                                     # DeepSeek-V3's own layout: every engine
+    narrow = engine_warnings(16, 32)                                          # SmolLM2 at 12.5 %: all three refuse
+    assert len(narrow) == 3 and any("vLLM" in w and "48" in w for w in narrow)
+    assert [w.split(" will")[0] for w in engine_warnings(256, 64)] == ["FlashMLA (vLLM/SGLang on Hopper)"]
+    model = _mla(tiny_llama())
+    with caplog.at_level("WARNING", logger="train_mla"):
+        export(model, None, tmp_path / "ds")
+    assert any("kv_lora_rank 12 + qk_rope_head_dim 8" in r.getMessage() for r in caplog.records)

