@@ -71,3 +71,15 @@ def test_eval_sh_fails_fast_on_bad_input(tmp_path):
     assert r.returncode == 2 and "does not exist" in r.stderr
     r = subprocess.run(["bash", str(REPO / "eval.sh"), "--tasks", "offline"], env=ENV, capture_output=True, text=True)
     assert r.returncode == 2 and "no checkpoint" in r.stderr
+
+
+def test_a_second_evaluation_keeps_the_first(tmp_path):
+    from train_mla.evaluate import write_results
+
+    first = {"results": {"t": {"acc,none": 0.5}}, "checkpoint": "a"}
+    write_results(tmp_path, first)
+    write_results(tmp_path, {"results": {"t": {"acc,none": 0.7}}, "checkpoint": "a"})
+    assert json.loads((tmp_path / "results.json").read_text())["results"]["t"]["acc,none"] == 0.7
+    kept = sorted(tmp_path.glob("results.*.json"))
+    assert len(kept) == 1 and json.loads(kept[0].read_text()) == first and kept[0].with_suffix(".md").is_file()
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -125,15 +125,32 @@ def main(argv=None):
     print(f"[eval] {a.checkpoint}: tasks {tasks} on {device} ({a.dtype}), results -> {out}", flush=True)
     res = simple_evaluate(model="hf", model_args=model_args, tasks=tasks, num_fewshot=a.num_fewshot,
                           batch_size=a.batch_size, device=device, limit=a.limit, task_manager=tm, log_samples=False)
-    out.mkdir(parents=True, exist_ok=True)
     res = {k: v for k, v in res.items() if k != "samples"}
     res["checkpoint"] = a.checkpoint
     kv = Path(where) / "kv_cache.json"
     if kv.is_file():
         res["kv_cache"] = json.loads(kv.read_text())
-    (out / "results.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
-    (out / "results.md").write_text(markdown(res) + "\n")
+    write_results(out, res)
     print(markdown(res))
+
+
+def write_results(out: Path, res: dict) -> None:
+    """results.json and results.md in `out`, each written whole (temporary file, then rename); an earlier pair there
+    is kept as results.<its time>.json/.md, never overwritten."""
+    import time
+
+    out.mkdir(parents=True, exist_ok=True)
+    old = out / "results.json"
+    if old.is_file():
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(old.stat().st_mtime))
+        for suffix in (".json", ".md"):
+            if (out / f"results{suffix}").is_file():
+                (out / f"results{suffix}").replace(out / f"results.{stamp}{suffix}")
+        print(f"[eval] kept the previous results as {out / f'results.{stamp}.json'}", flush=True)
+    for name, text in (("results.json", json.dumps(res, indent=2, default=str) + "\n"), ("results.md", markdown(res) + "\n")):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / name)
 
 
 def markdown(res: dict) -> str:
