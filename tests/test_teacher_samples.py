@@ -1,0 +1,43 @@
+"""teacher_samples: chat rows whose replies are the teacher's own (greedy: exactly transformers' generate)."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_chat_data, make_tiny_checkpoint
+from train_mla import teacher_samples
+
+
+def test_greedy_samples_equal_generate_and_rows_are_chat(tmp_path):
+    make_tiny_checkpoint(tmp_path / "teacher")
+    make_chat_data(tmp_path / "chat.jsonl", n=5)
+    out = tmp_path / "samples_train.jsonl"
+    teacher_samples.main([str(tmp_path / "teacher"), str(tmp_path / "chat.jsonl"), str(out), "--temperature", "0",
+                          "--max_new_tokens", "12", "--batch_size", "3", "--samples_per_prompt", "2"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 10
+    prompts = [json.loads(line)["messages"][:1] for line in (tmp_path / "chat.jsonl").read_text().splitlines()]
+    assert [r["messages"][:-1] for r in rows] == [p for p in prompts for _ in range(2)]
+    assert all(r["messages"][-1]["role"] == "assistant" and r["messages"][-1]["content"] for r in rows)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "teacher")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher", dtype=torch.float32).eval()
+    x = tok.apply_chat_template(prompts[0], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        ref = model.generate(**x, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id)
+    assert rows[0]["messages"][-1]["content"] == tok.decode(ref[0, x["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert not list(tmp_path.glob(".*.tmp*"))
+
+
+def test_bad_input_fails_before_the_model_loads_and_nothing_is_overwritten(tmp_path):
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"
+                                        + json.dumps({"text": "no messages"}) + "\n")
+    with pytest.raises(SystemExit, match="bad.jsonl row 2"):
+        teacher_samples.main(["no/such-model", str(tmp_path / "bad.jsonl"), str(tmp_path / "o.jsonl")])
+    (tmp_path / "o.jsonl").write_text("mine\n")
+    with pytest.raises(SystemExit, match="exists"):
+        teacher_samples.main(["no/such-model", str(tmp_path / "bad.jsonl"), str(tmp_path / "o.jsonl")])
+    assert (tmp_path / "o.jsonl").read_text() == "mine\n"
