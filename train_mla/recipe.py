@@ -430,14 +430,14 @@ def finish_run(trainer, result, source_dir: str | Path, what: str) -> None:
     trainer.save_model(args.output_dir)
     if not trainer.is_world_process_zero():
         return
+    out = Path(args.output_dir)
     record = Path(source_dir, "kv_cache.json")  # written by the upcycling from the real source config
-    if record.is_file():
+    kv = json.loads(record.read_text()) if record.is_file() else None
+    if kv:
         from train_mla.kv_cache_size import format_kv_table
 
-        shutil.copy(record, Path(args.output_dir, "kv_cache.json"))
-        log.info("KV cache per token:\n" + format_kv_table(json.loads(record.read_text())))
-    out = Path(args.output_dir)
-    kv = json.loads((out / "kv_cache.json").read_text()) if (out / "kv_cache.json").is_file() else None
+        shutil.copy(record, out / "kv_cache.json")
+        log.info("KV cache per token:\n" + format_kv_table(kv))
     (out / "README.md").write_text(model_card(what, str(source_dir), out, kv, result.metrics))
     log.info(f"Saved the {what} to {args.output_dir}: {json.dumps(result.metrics)}")
     if args.export_deepseek_dir:

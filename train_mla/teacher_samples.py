@@ -78,7 +78,7 @@ def main(argv=None):
     engine = Engine(model, max_batch_size=a.batch_size, max_seq_len=a.max_prompt_tokens + a.max_new_tokens)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    t0, new_tokens = time.perf_counter(), 0
+    t0 = time.perf_counter()
     try:
         _write(engine, tok, prompts, ids, jobs, tmp, a)
     except BaseException:
