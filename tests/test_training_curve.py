@@ -23,9 +23,25 @@ def test_points_table_and_files(tmp_path):
     assert md[2] == "| 0 | 0.0 | 166.70 | 1.9200 | +566.8 % |"            # sorted by step
     assert md[4] == "| 500 | 32.8 | 32.80 | 0.4300 | +31.2 % |"              # 500 x 65,536 = 32.8 M tokens
     data = json.loads((tmp_path / "c.json").read_text())
-    assert [p["step"] for p in data["points"]] == [0, 250, 500] and data["reference_ppl"] == 25.0
+    assert [p["step"] for p in data["runs"][0]["points"]] == [0, 250, 500] and data["reference_ppl"] == 25.0
     assert (tmp_path / "c.png").stat().st_size > 5000
     assert training_curve.train_points(state) == [{"step": 10, "kl": 0.9}, {"step": 20, "kl": 0.5}, {"step": 30, "kl": 0.2}]
+
+
+def test_several_runs_share_a_table_and_a_plot(tmp_path):
+    for name, ppl in (("full", 35.4), ("frozen", 37.6)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trainer_state.json").write_text(json.dumps(_state([(0, 166.7, 1.92), (350, ppl, 0.5)])))
+    training_curve.main([str(tmp_path / "full"), str(tmp_path / "frozen"), "--output", str(tmp_path / "c")])
+    md = (tmp_path / "c.md").read_text().splitlines()
+    assert md[0] == "| run | step | eval ppl | eval KL |"
+    assert md[3] == "| full | 350 | 35.40 | 0.5000 |" and md[5] == "| frozen | 350 | 37.60 | 0.5000 |"  # folder names
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert [r["label"] for r in data["runs"]] == ["full", "frozen"]
+    training_curve.main([str(tmp_path / "full"), str(tmp_path / "frozen"), "--labels", "A, B", "--output", str(tmp_path / "d")])
+    assert "| B | 350 | 37.60 | 0.5000 |" in (tmp_path / "d.md").read_text()
+    with pytest.raises(SystemExit, match="--labels has 1 names for 2 runs"):
+        training_curve.main([str(tmp_path / "full"), str(tmp_path / "frozen"), "--labels", "A"])
 
 
 def test_unfinished_run_reads_its_newest_checkpoint(tmp_path):

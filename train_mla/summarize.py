@@ -140,7 +140,7 @@ def plot(rows: list[dict], path: Path, note: str | None = None) -> None:
     if note:
         fig.suptitle(note, fontsize=10, color="darkred")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # long axis labels stay inside
     plt.close(fig)
 
 

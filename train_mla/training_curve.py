@@ -1,13 +1,13 @@
 """Quality against training tokens, from a stage-1 run's own evaluations (eval_ppl and eval_kl in its log history).
 
-    python -m train_mla.training_curve RUN_DIR_OR_TRAINER_STATE [--tokens_per_step N] [--reference_ppl P]
-                                       [--label TEXT] [--output docs/curve]
+    python -m train_mla.training_curve RUN [RUN ...] [--tokens_per_step N] [--reference_ppl P]
+                                       [--labels A,B] [--output docs/curve]
 
-RUN_DIR is a stage-1 output folder (its trainer_state.json, or the newest checkpoint-N/trainer_state.json of a run
-that has not finished). --tokens_per_step (batch x sequence length x processes x accumulation) puts training tokens
-on the x axis instead of steps; --reference_ppl draws the teacher's perplexity on the same evaluation data.
-Writes OUTPUT.md (the points), OUTPUT.json and OUTPUT.png (perplexity, and the KL on evaluation and training data,
-against tokens).
+RUN is a stage-1 output folder (its trainer_state.json, or the newest checkpoint-N/trainer_state.json of a run that
+has not finished) or a trainer_state.json; several runs (an ablation) share one table and one plot, a colour each.
+--tokens_per_step (batch x sequence length x processes x accumulation) puts training tokens on the x axis instead of
+steps; --reference_ppl draws the teacher's perplexity on the same evaluation data. Writes OUTPUT.md (the points),
+OUTPUT.json and OUTPUT.png (perplexity, and the KL on evaluation and training data, against tokens).
 """
 
 import argparse
@@ -34,15 +34,19 @@ def eval_points(state: dict) -> list[dict]:
     return sorted({p["step"]: p for p in pts}.values(), key=lambda p: p["step"])
 
 
-def table(points: list[dict], tokens_per_step: int | None, reference_ppl: float | None) -> str:
-    head = ["step"] + (["training tokens (M)"] if tokens_per_step else []) + ["eval ppl", "eval KL"]
-    head += ["ppl vs reference"] if reference_ppl else []
-    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
-    for p in points:
-        cells = [str(p["step"])] + ([f"{p['step'] * tokens_per_step / 1e6:.1f}"] if tokens_per_step else [])
-        cells += [f"{p['eval_ppl']:.2f}", f"{p.get('eval_kl', float('nan')):.4f}"]
-        cells += [f"{100 * (p['eval_ppl'] / reference_ppl - 1):+.1f} %"] if reference_ppl else []
-        lines.append("| " + " | ".join(cells) + " |")
+def table(runs: list[tuple[str, list[dict]]], tokens_per_step: int | None, reference_ppl: float | None) -> str:
+    """One row per evaluation; with several runs a first column names the run."""
+    several = len(runs) > 1
+    head = (["run"] if several else []) + ["step"] + (["training tokens (M)"] if tokens_per_step else [])
+    head += ["eval ppl", "eval KL"] + (["ppl vs reference"] if reference_ppl else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + ("---|" if several else "") + "---:|" * (len(head) - several)]
+    for label, points in runs:
+        for p in points:
+            cells = ([label] if several else []) + [str(p["step"])]
+            cells += [f"{p['step'] * tokens_per_step / 1e6:.1f}"] if tokens_per_step else []
+            cells += [f"{p['eval_ppl']:.2f}", f"{p.get('eval_kl', float('nan')):.4f}"]
+            cells += [f"{100 * (p['eval_ppl'] / reference_ppl - 1):+.1f} %"] if reference_ppl else []
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -51,8 +55,9 @@ def train_points(state: dict) -> list[dict]:
     return [{"step": h["step"], "kl": h["kl"]} for h in state["log_history"] if "kl" in h and "loss" in h]
 
 
-def plot(points: list[dict], train: list[dict], path: Path, tokens_per_step: int | None, reference_ppl: float | None,
-         label: str):
+def plot(runs: list[tuple[str, list[dict], list[dict]]], path: Path, tokens_per_step: int | None,
+         reference_ppl: float | None):
+    """runs: (label, evaluation points, training points); one colour per run, the same in both panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,10 +70,16 @@ def plot(points: list[dict], train: list[dict], path: Path, tokens_per_step: int
 
     plain = FuncFormatter(plain)
     scale = (tokens_per_step / 1e6) if tokens_per_step else 1
-    x = [p["step"] * scale for p in points]
     xlabel = "training tokens (millions)" if tokens_per_step else "training step"
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(x, [p["eval_ppl"] for p in points], "o-", label=label)
+    for i, (label, points, train) in enumerate(runs):
+        x = [p["step"] * scale for p in points]
+        a.plot(x, [p["eval_ppl"] for p in points], "o-", color=f"C{i}", label=label)
+        b.plot(x, [p.get("eval_kl", float("nan")) for p in points], "o-", color=f"C{i}",
+               label=label if len(runs) > 1 else "evaluation data")
+        if train:
+            b.plot([t["step"] * scale for t in train], [t["kl"] for t in train], "-", color=f"C{i}", lw=1, alpha=0.4,
+                   label="_nolegend_" if len(runs) > 1 else "training batches")  # several: the title says it
     if reference_ppl:
         a.axhline(reference_ppl, color="gray", ls="--", label=f"teacher ({reference_ppl:.1f})")
     a.set_yscale("log")
@@ -76,44 +87,51 @@ def plot(points: list[dict], train: list[dict], path: Path, tokens_per_step: int
     a.set_ylabel("token perplexity (log scale)")
     a.set_title("evaluation perplexity")
     a.legend(fontsize=8)
-    b.plot(x, [p.get("eval_kl", float("nan")) for p in points], "o-", color="C1", label="evaluation data")
-    if train:
-        b.plot([t["step"] * scale for t in train], [t["kl"] for t in train], "-", color="C2", lw=1, alpha=0.7,
-               label="training batches")
     b.set_yscale("log")
-    b.legend(fontsize=8)
+    b.legend(fontsize=7)
     b.set_xlabel(xlabel)
     b.set_ylabel("KL(teacher || student), nats/token")
-    b.set_title("KL to the teacher")
+    b.set_title("KL to the teacher (faint: on training batches)")
     for ax in (a, b):
         ax.grid(alpha=0.3, which="both")
         ax.yaxis.set_major_formatter(plain)
         ax.yaxis.set_minor_formatter(plain)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("run", help="stage-1 output folder or a trainer_state.json")
+    p.add_argument("runs", nargs="+", help="stage-1 output folders or trainer_state.json files (several: one plot)")
     p.add_argument("--tokens_per_step", type=int, default=None)
     p.add_argument("--reference_ppl", type=float, default=None)
-    p.add_argument("--label", default="MLA student")
-    p.add_argument("--output", default=None, help="OUTPUT.md/.json/.png (default RUN/training_curve)")
+    p.add_argument("--labels", default=None, help="comma list, one per run (default: MLA student / the folder names)")
+    p.add_argument("--output", default=None, help="OUTPUT.md/.json/.png (default FIRST_RUN/training_curve)")
     a = p.parse_args(argv)
-    state_file = trainer_state(a.run)
-    state = json.loads(state_file.read_text())
-    points = eval_points(state)
-    if not points:
-        raise SystemExit(f"error: {state_file} has no evaluation with eval_ppl (was eval_strategy 'no'?)")
-    out = Path(a.output) if a.output else state_file.parent / "training_curve"
+    files = [trainer_state(r) for r in a.runs]
+    if a.labels is not None:
+        labels = [x.strip() for x in a.labels.split(",")]
+        if len(labels) != len(files):
+            raise SystemExit(f"error: --labels has {len(labels)} names for {len(files)} runs")
+    else:
+        labels = ["MLA student"] if len(files) == 1 else [f.parent.name if f.name == "trainer_state.json" else f.stem
+                                                          for f in files]
+    runs = []
+    for label, f in zip(labels, files):
+        state = json.loads(f.read_text())
+        points = eval_points(state)
+        if not points:
+            raise SystemExit(f"error: {f} has no evaluation with eval_ppl (was eval_strategy 'no'?)")
+        runs.append((label, f, points, train_points(state)))
+    out = Path(a.output) if a.output else files[0].parent / "training_curve"
     out.parent.mkdir(parents=True, exist_ok=True)
-    md = table(points, a.tokens_per_step, a.reference_ppl)
+    md = table([(r[0], r[2]) for r in runs], a.tokens_per_step, a.reference_ppl)
     out.with_suffix(".md").write_text(md + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"source": str(state_file), "tokens_per_step": a.tokens_per_step,
-                                                    "reference_ppl": a.reference_ppl, "points": points}, indent=2) + "\n")
-    plot(points, train_points(state), out.with_suffix(".png"), a.tokens_per_step, a.reference_ppl, a.label)
+    out.with_suffix(".json").write_text(json.dumps({
+        "tokens_per_step": a.tokens_per_step, "reference_ppl": a.reference_ppl,
+        "runs": [{"label": r[0], "source": str(r[1]), "points": r[2]} for r in runs]}, indent=2) + "\n")
+    plot([(r[0], r[2], r[3]) for r in runs], out.with_suffix(".png"), a.tokens_per_step, a.reference_ppl)
     print(md)
     print(f"wrote {out}.md, .json, .png")
 
