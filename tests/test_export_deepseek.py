@@ -125,6 +125,10 @@ def test_engine_shape_warnings(tmp_path, caplog):
     narrow = engine_warnings(16, 32)                                          # SmolLM2 at 12.5 %: all three refuse
     assert len(narrow) == 3 and any("vLLM" in w and "48" in w for w in narrow)
     assert [w.split(" will")[0] for w in engine_warnings(256, 64)] == ["FlashMLA (vLLM/SGLang on Hopper)"]
+    full_q = engine_warnings(512, 64, q_lora_rank=None, num_layers=30)        # llama.cpp's loader: q LoRA or 26/27 layers
+    assert len(full_q) == 1 and full_q[0].startswith("llama.cpp") and "q_lora_rank" in full_q[0]
+    assert engine_warnings(512, 64, q_lora_rank=None, num_layers=27) == []
+    assert engine_warnings(512, 64, q_lora_rank=400, num_layers=30) == []
     model = _mla(tiny_llama())
     with caplog.at_level("WARNING", logger="train_mla"):
         export(model, None, tmp_path / "ds")

@@ -88,9 +88,18 @@ ENGINE_SHAPES = {
 VLLM_WIDTHS = (320, 512, 576)
 
 
-def engine_warnings(kv_lora_rank: int, qk_rope_head_dim: int) -> list[str]:
-    """One line per serving engine whose MLA kernels refuse these widths (llama.cpp accepts any)."""
+LLAMA_CPP_NO_Q_LORA_LAYERS = (26, 27)  # llama.cpp's deepseek2 loader treats only these depths as "lite" (no q LoRA)
+
+
+def engine_warnings(kv_lora_rank: int, qk_rope_head_dim: int, q_lora_rank: int | None = 0,
+                    num_layers: int | None = None) -> list[str]:
+    """One line per serving engine that will refuse this layout: MLA kernels with fixed widths, and llama.cpp
+    (any widths) when the query is full rank, which its loader accepts only at DeepSeek-V2-Lite's depths."""
     out = []
+    if q_lora_rank is None and num_layers not in LLAMA_CPP_NO_Q_LORA_LAYERS:
+        out.append("llama.cpp (llama-cpp-python 0.3.36) will refuse a full-rank query (q_lora_rank null) at "
+                   f"{num_layers} layers: its deepseek2 loader requires deepseek2.attention.q_lora_rank unless the "
+                   "model has 26 or 27 layers; set q_lora_rank for llama.cpp")
     for engine, (shapes, rule) in ENGINE_SHAPES.items():
         ok = (kv_lora_rank, qk_rope_head_dim) in shapes if shapes else kv_lora_rank + qk_rope_head_dim in VLLM_WIDTHS
         if not ok:
@@ -141,8 +150,8 @@ def export(model, tokenizer, out_dir: str | Path) -> Path:
         model.generation_config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    for line in engine_warnings(ds_cfg.kv_lora_rank, ds_cfg.qk_rope_head_dim):
-        logging.getLogger("train_mla").warning(f"{out}: {line} (llama.cpp and transformers run it; docs/deploy.md)")
+    for line in engine_warnings(ds_cfg.kv_lora_rank, ds_cfg.qk_rope_head_dim, ds_cfg.q_lora_rank, ds_cfg.num_hidden_layers):
+        logging.getLogger("train_mla").warning(f"{out}: {line} (transformers runs it; docs/deploy.md)")
     return out
 
 
