@@ -64,3 +64,23 @@ def test_eval_ppl_equals_the_model_own_loss(tmp_path):
     assert res["blocks"] == 1 and res["tokens"] == len(ids) - 1
     assert abs(res["ce"] - ref) < 1e-4 and abs(res["ppl"] - math.exp(ref)) < 1e-3 * math.exp(ref)
     assert json.loads((tmp_path / "r.json").read_text())["ppl"] == res["ppl"]
+
+
+def test_latent_norm_probe_variants():
+    """The probe's variants do what they say: `norm` is the model's own RMSNorm, `identity` passes the latent,
+    `first_exact` leaves position 0 alone, `clipped` bounds the rescaling."""
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    probe = _script("latent_norm_probe")
+    torch.manual_seed(0)
+    ref = LlamaRMSNorm(12, eps=1e-6)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+    c = torch.randn(2, 5, 12) * torch.linspace(0.2, 3.0, 5)[None, :, None]  # token scales far from each other
+    out = {m: probe.ProbeNorm(ref.weight.detach(), 1e-6, m)(c) for m in ("norm", "identity", "first_exact", "clipped")}
+    torch.testing.assert_close(out["norm"], ref(c))
+    assert torch.equal(out["identity"], c)
+    assert torch.equal(out["first_exact"][:, 0], c[:, 0]) and torch.equal(out["first_exact"][:, 1:], out["norm"][:, 1:])
+    ratio = out["clipped"] / c
+    assert ratio.min() >= 0.8 - 1e-6 and ratio.max() <= 1.25 + 1e-6 and not torch.equal(out["clipped"], out["norm"])
