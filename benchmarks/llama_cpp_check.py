@@ -95,7 +95,9 @@ CACHE_CTX = 32768
 def llama_cpp_side(gguf: Path, windows: list[list[int]], prompt: list[int], n_new: int, n_ctx: int):
     import llama_cpp
 
-    with StderrCapture() as cap:  # a long context, so that the log's MiB with two decimals is exact to < 0.1 %
+    # the cache size from a separate long-context load, so that the log's MiB with two decimals is exact to < 0.1 %
+    # (the evaluation context keeps logits for every position: n_ctx x vocab floats, too much at 32k)
+    with StderrCapture() as cap:
         big = llama_cpp.Llama(model_path=str(gguf), n_ctx=CACHE_CTX, verbose=True, n_threads=1)
     del big
     bytes_per_token, line = kv_bytes_from_log(cap.text)

@@ -91,12 +91,13 @@ VLLM_WIDTHS = (320, 512, 576)
 LLAMA_CPP_NO_Q_LORA_LAYERS = (26, 27)  # llama.cpp's deepseek2 loader treats only these depths as "lite" (no q LoRA)
 
 
-def engine_warnings(kv_lora_rank: int, qk_rope_head_dim: int, q_lora_rank: int | None = 0,
+def engine_warnings(kv_lora_rank: int, qk_rope_head_dim: int, q_lora_rank: int | None = None,
                     num_layers: int | None = None) -> list[str]:
-    """One line per serving engine that will refuse this layout: MLA kernels with fixed widths, and llama.cpp
-    (any widths) when the query is full rank, which its loader accepts only at DeepSeek-V2-Lite's depths."""
+    """One line per serving engine that will refuse this layout: MLA kernels with fixed widths, and (given
+    num_layers) llama.cpp, any widths, when the query is full rank (q_lora_rank None), which its loader accepts only
+    at DeepSeek-V2-Lite's depths."""
     out = []
-    if q_lora_rank is None and num_layers not in LLAMA_CPP_NO_Q_LORA_LAYERS:
+    if num_layers is not None and q_lora_rank is None and num_layers not in LLAMA_CPP_NO_Q_LORA_LAYERS:
         out.append("llama.cpp (llama-cpp-python 0.3.36) will refuse a full-rank query (q_lora_rank null) at "
                    f"{num_layers} layers: its deepseek2 loader requires deepseek2.attention.q_lora_rank unless the "
                    "model has 26 or 27 layers; set q_lora_rank for llama.cpp")

@@ -1,8 +1,10 @@
-# device side (not part of the repo): three stage-1 runs at once on one H200, same data, seed and token budget,
-# through the README's path; then lm-eval at --max_length 2048 (and the control at the default 8,192 too).
+# The device-side script exactly as it ran (the second start; docs/results.md): two stage-1 runs at once on one H200,
+# same data, seed and token budget, through the README's path; then lm-eval at --max_length 2048 (and A at the
+# default 8,192, cut off by the end of the lease). It was written for a third run, C (12.5 %,
+# mla_kv_rank_32_rope_16.yaml), whose launch line was removed after the first start thrashed the CPU; `ev C` then
+# only prints "no model for C".
 #   A  25 % (mla_kv_rank_80_rope_16.yaml) as it is: the control
 #   B  25 % with --freeze_non_mla true (only the MLA attention trains)
-#   C  12.5 % (mla_kv_rank_32_rope_16.yaml)
 set -x
 export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false TRAIN_MLA_CACHE=/root/cache PYTHONUNBUFFERED=1
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
