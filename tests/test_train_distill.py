@@ -176,6 +176,23 @@ def test_a_leftover_upcycled_model_is_reused_only_for_the_same_settings(tiny_run
     assert json.loads((other / "config.json").read_text())["kv_lora_rank"] == 16
 
 
+def test_an_upcycled_folder_from_the_upcycle_command_is_reused_and_bf16_is_refused(tiny_run, tmp_path):
+    """`python -m train_mla.upcycle RECIPE --torch_dtype float32 --output RUN/upcycled` writes what stage 1 would:
+    stage 1 reuses it; written in bfloat16 it is refused before any heavy work (no fp32 master weights from it)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    for dtype in ("float32", "bfloat16"):
+        run = tmp_path / dtype
+        r = subprocess.run([sys.executable, "-m", "train_mla.upcycle", str(tiny_run / "recipe.yaml"), "--torch_dtype",
+                            dtype, "--output", str(run / "upcycled")], capture_output=True, text=True, env=env, cwd=REPO)
+        assert r.returncode == 0, r.stderr[-3000:]
+    r = _run(tiny_run / "recipe.yaml", "--output_dir", tmp_path / "float32", "--max_steps", 2, "--save_steps", 100)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Reusing the upcycled model" in r.stdout + r.stderr and "Upcycled " not in r.stdout + r.stderr
+    r = _run(tiny_run / "recipe.yaml", "--output_dir", tmp_path / "bfloat16", "--max_steps", 2)
+    assert r.returncode != 0 and "holds bfloat16 weights" in r.stderr and "--torch_dtype float32" in r.stderr
+    assert "Tokenis" not in r.stdout + r.stderr
+
+
 @pytest.mark.parametrize("override, message", [
     (["--kv_lora_rank", "0"], "kv_lora_rank=0 is invalid"),
     (["--kv_lora_rank", "100000"], "kv_lora_rank=100000 is invalid"),

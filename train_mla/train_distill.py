@@ -31,17 +31,6 @@ def check_same_vocabulary(student_tok, teacher_tok, student_name, teacher_name):
                           f"do not share a vocabulary (first differences: {diff}); distillation needs the same one.")
 
 
-def upcycle_record(model_args, mla_args) -> dict:
-    """What made an upcycled model: the source (id, revision, fingerprint of its files) and every MLA/init argument."""
-    import json
-
-    from train_mla.model_loading import source_fingerprint
-
-    return json.loads(json.dumps({"source": model_args.model_name_or_path, "revision": model_args.model_revision,
-                                  "source_fingerprint": source_fingerprint(model_args.model_name_or_path),
-                                  "mla_arguments": asdict(mla_args)}))
-
-
 def check_upcycled(path: Path, record: dict) -> bool:
     """True when `path` holds a complete upcycled model made from exactly `record`; False when there is none (a
     half-written one is removed); an error naming the keys that differ when it was made from something else."""
@@ -60,6 +49,11 @@ def check_upcycled(path: Path, record: dict) -> bool:
         shutil.rmtree(path)
         return False
     saved = json.loads((path / "kv_cache.json").read_text())
+    dtype = json.loads((path / "config.json").read_text()).get("dtype")
+    if dtype not in (None, "float32"):
+        raise RecipeError(f"{path} holds {dtype} weights; stage 1 starts from the float32 upcycled model (fp32 master "
+                          f"weights): remove it, or make it with `python -m train_mla.upcycle RECIPE --torch_dtype "
+                          f"float32 --output {path}`")
     diff = [k for k in record if k != "mla_arguments" and saved.get(k) != record[k]]
     diff += [f"mla_arguments.{k}" for k, v in record["mla_arguments"].items() if saved.get("mla_arguments", {}).get(k) != v]
     if diff:
@@ -84,7 +78,7 @@ def build_student(model_args, mla_args, args, tokenizer):
 
     from train_mla.model_loading import full_weights_here, is_mla_checkpoint, load_causal_lm
     from train_mla.modeling_llama_mla import LlamaMLAForCausalLM
-    from train_mla.upcycle import save_mla_checkpoint, upcycle
+    from train_mla.upcycle import save_mla_checkpoint, upcycle, upcycle_record
 
     source = model_args.model_name_or_path
     if is_mla_checkpoint(source):
@@ -122,7 +116,7 @@ def main(argv=None):
     from train_mla.data import PackedCollator, prepare_lm_dataset
     from train_mla.distill_trainer import DistillTrainer
     from train_mla.model_loading import ModelNotFoundError, is_mla_checkpoint, load_causal_lm, load_config, load_tokenizer
-    from train_mla.upcycle import build_config
+    from train_mla.upcycle import build_config, upcycle_record
 
     args.remove_unused_columns = False
     if args.compile_layers is None:

@@ -16,7 +16,9 @@ Two RoPE treatments (`rope_init`):
   * ``xecomla``: the paper's recipe - the first d_n rows of each head are no-RoPE, the last d_r rows are rotated
     as DeepSeek interleaved pairs at a geometric schedule over d_r (splits source pairs; kept to reproduce the paper).
 
-Run as ``python -m train_mla.upcycle [recipe.yaml] [--key value ...] --output DIR``.
+Run as ``python -m train_mla.upcycle [recipe.yaml] [--key value ...] --output DIR``. With ``--torch_dtype float32
+--output RUN/upcycled`` it writes the folder stage 1 would write, which ``train_distill.py RECIPE --output_dir RUN``
+then reuses: upcycle once, e.g. while the GPU does something else, and train from it.
 """
 
 import math
@@ -340,6 +342,18 @@ def save_mla_checkpoint(model, tokenizer, output_dir: str | Path, source_config=
     return out
 
 
+def upcycle_record(model_args, mla_args) -> dict:
+    """What made an upcycled model: the source (id, revision, fingerprint of its files) and every MLA/init argument.
+    Written into kv_cache.json; stage 1 reuses an `output_dir/upcycled` whose record equals its own."""
+    import json
+
+    from .model_loading import source_fingerprint
+
+    return json.loads(json.dumps({"source": model_args.model_name_or_path, "revision": model_args.model_revision,
+                                  "source_fingerprint": source_fingerprint(model_args.model_name_or_path),
+                                  "mla_arguments": asdict(mla_args)}))
+
+
 @dataclass
 class UpcycleOutput:
     """Where the converted checkpoint goes."""
@@ -368,7 +382,7 @@ def main(argv=None):
         raise SystemExit(f"error: {e}") from None
     model = upcycle(source, mla, tokenizer=tokenizer).to(dtype_of(model_args.torch_dtype))  # factorised in float32
     save_mla_checkpoint(model, tokenizer, out_args.output, source.config,
-                        extra={"source": model_args.model_name_or_path, "mla_arguments": asdict(mla)})
+                        extra=upcycle_record(model_args, mla))
     print(format_kv_table(kv_cache_table(source.config, model.config)))
     print(f"Saved MLA checkpoint to {out_args.output}")
 
