@@ -84,7 +84,13 @@ def plot(rows: list[dict], path: Path, note: str | None = None) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    def compact(v, _=None):  # log-axis ticks that never overprint: 10, 1k, 100k, 10M
+        for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+            if v >= div:
+                return f"{v / div:g}{suffix}"
+        return f"{v:g}"
 
     tasks = sorted({t for r in rows for t in r["scores"]})
     ppl_tasks = sorted({t for r in rows for t in r["perplexity"]})
@@ -129,7 +135,8 @@ def plot(rows: list[dict], path: Path, note: str | None = None) -> None:
         vals = [r["perplexity"][ppl_task] for _, r in have]
         b.set_xscale("log")
         b.set_xlim(min(vals) / 3, max(vals) * 3)
-        b.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        b.xaxis.set_major_locator(LogLocator(base=10, numticks=6))
+        b.xaxis.set_major_formatter(FuncFormatter(compact))
         b.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
         b.set_xlabel(f"{ppl_task} {have[0][1]['perplexity_metric'][ppl_task]} (log, lower = better)")
         b.set_title("Perplexity")
