@@ -176,8 +176,13 @@ def main(argv=None):
     )
     from train_mla.progress import ProgressLine
 
+    from train_mla.stop_signal import StopOnSignal
+
     trainer.add_callback(ProgressLine("stage 1"))
+    stop = StopOnSignal()  # SIGTERM / Ctrl-C: save a checkpoint, exit; a re-run resumes
+    trainer.add_callback(stop)
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    stop.exit_if_stopped(trainer)
     finish_run(trainer, result, student_dir, "distilled MLA model")
 
 if __name__ == "__main__":

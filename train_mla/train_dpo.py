@@ -93,8 +93,13 @@ def main(argv=None):
                          processing_class=tokenizer)
     from train_mla.progress import ProgressLine
 
+    from train_mla.stop_signal import StopOnSignal
+
     trainer.add_callback(ProgressLine("DPO"))
+    stop = StopOnSignal()  # SIGTERM / Ctrl-C: save a checkpoint, exit; a re-run resumes
+    trainer.add_callback(stop)
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    stop.exit_if_stopped(trainer)
     finish_run(trainer, result, resolve(model_args.model_name_or_path)[0], "DPO model")
 
 if __name__ == "__main__":
