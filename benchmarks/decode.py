@@ -163,6 +163,12 @@ def check_engine(models, device, dtype):
     return out
 
 
+def _tiles():
+    from train_mla import decode_attention as da
+
+    return {k: dict(v) for k, v in da.TILE.items()}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--grid", nargs="*", default=["1x1024", "64x1024", "64x8192", "16x32768", "4x131072"],
@@ -176,7 +182,13 @@ def main(argv=None):
     p.add_argument("--models", nargs="*", default=["GQA", "MLA"], help="which models to run (name prefixes)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU is fine): only checks the script")
     p.add_argument("--out", default="docs/benchmarks_decode")
+    p.add_argument("--tiles", help="a benchmarks/decode_kernel_sweep.py output: run the kernel with its best tiles")
     a = p.parse_args(argv)
+    if a.tiles:
+        from train_mla import decode_attention as da
+
+        for layout, row in json.loads(Path(a.tiles).read_text())["best"].items():
+            da.TILE[layout] = {k: row[k] for k in ("block_t", "num_warps", "num_stages", "programs_per_sm")}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not a.smoke:
         raise SystemExit("benchmarks/decode.py measures a GPU; on CPU use --smoke.")
@@ -189,7 +201,7 @@ def main(argv=None):
     bw = copy_bandwidth(device, 0.01 if a.smoke else 4.0)
     info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
             "dtype": str(dtype), "copy_bandwidth_bytes_per_s": bw, "weights": "random (speed does not depend on them)",
-            "compile": a.compile, "steps": a.steps, "kv_cache_table": kv}
+            "compile": a.compile, "steps": a.steps, "kv_cache_table": kv, "tiles": _tiles()}
     print(json.dumps(info), flush=True)
     result = {"info": info, "check": check_engine(models, device, dtype), "grid": [], "hf_generate": [], "max_batch_32k": []}
     print(json.dumps(result["check"]), flush=True)

@@ -3,8 +3,9 @@ MLA layout (one latent head, 32 query heads, 64 + 32 columns) and the GQA layout
 
     python benchmarks/decode_kernel_sweep.py      # GPU; prints a table, writes docs/benchmarks_kernel_sweep.json
 
-Bandwidth = cache bytes the call must read / its time (CUDA graph replays timed by CUDA events, median of 20). The best tile per layout
-is what `decode_attention.TILE` holds.
+Bandwidth = cache bytes the call must read / its time (CUDA graph replays timed by CUDA events, median of 20; the
+call is the split kernel and the merge kernel). The best tile per layout is what `decode_attention.TILE` holds;
+`python benchmarks/decode.py --tiles SWEEP.json` runs the engine with the best of a sweep instead.
 """
 
 import itertools
@@ -41,6 +42,10 @@ def bench(fn, reps=20):
     return sorted(times)[len(times) // 2]
 
 
+# (programs per SM, tokens per tile, warps, pipeline stages) tried per layout
+GRID = {"mla": ([2, 4, 8], [64, 128], [4, 8], [2, 3]), "gqa": ([2, 4], [64], [4], [3])}
+
+
 def main():
     dev, B, T = torch.device("cuda"), 64, 8192
     lengths = torch.full((B,), T, device=dev)
@@ -52,10 +57,10 @@ def main():
     rows = []
     for layout, (q, k, v, nbytes) in cases.items():
         ref = da.decode_attention(q, k, v, lengths, 0.1, backend="torch").float()
-        for per_sm, bt, warps, stages in itertools.product([2, 4, 8, 16], [32, 64, 128], [4, 8], [2, 3]):
-            da.TILE[layout] = {"block_t": bt, "num_warps": warps, "num_stages": stages}
-            da.PROGRAMS_PER_SM = per_sm
-            splits = da.default_num_splits(B, q.shape[1], da.multiprocessors(dev))
+        grid = GRID[layout]
+        for per_sm, bt, warps, stages in itertools.product(*grid):
+            da.TILE[layout] = {"block_t": bt, "num_warps": warps, "num_stages": stages, "programs_per_sm": per_sm}
+            splits = da.default_num_splits(B, q.shape[1], da.multiprocessors(dev), layout)
             try:
                 err = float((da.decode_attention_triton(q, k, v, lengths, 0.1, splits).float() - ref).abs().max())
                 t = bench(lambda: da.decode_attention_triton(q, k, v, lengths, 0.1, splits))

@@ -35,12 +35,19 @@ def _mla_case(seed=0, B=3, T=150, r=12, d_r=8, H=4):
     return torch.randn(B, 1, H, r + d_r), cache, cache[..., :r], torch.tensor([T, 1, 77])[:B]
 
 
+def _mla_even_case(seed=0, B=3, T=260, r=16, d_r=16, H=4):
+    """Power-of-2 widths (the kernel's unmasked loads) and lengths on and off whole 128-token tiles."""
+    torch.manual_seed(seed)
+    cache = torch.randn(B, T, 1, r + d_r)
+    return torch.randn(B, 1, H, r + d_r), cache, cache[..., :r], torch.tensor([256, 128, 77])[:B]
+
+
 def _gqa_case(seed=0, B=3, T=150, K=2, G=3, d=16):
     torch.manual_seed(seed)
     return torch.randn(B, K, G, d), torch.randn(B, T, K, d), torch.randn(B, T, K, d), torch.tensor([150, 1, 77])[:B]
 
 
-@pytest.mark.parametrize("case", [_mla_case, _gqa_case])
+@pytest.mark.parametrize("case", [_mla_case, _mla_even_case, _gqa_case])
 def test_reference_equals_float64_loop_and_ignores_positions_past_the_length(case):
     q, k, v, lengths = case()
     scale = 1 / math.sqrt(q.shape[-1])
@@ -56,11 +63,11 @@ def test_reference_equals_float64_loop_and_ignores_positions_past_the_length(cas
 _KERNEL_CHECK = """
 import sys, torch
 sys.path[:0] = [{repo!r}, {tests!r}]
-from test_decode_attention import _gqa_case, _mla_case
+from test_decode_attention import _gqa_case, _mla_case, _mla_even_case
 from train_mla import decode_attention as da
 worst = 0.0
-for case in (_mla_case, _gqa_case):
-    for splits in (1, 3, 7):
+for case in (_mla_case, _mla_even_case, _gqa_case):
+    for splits in (1, 2, 3, 7):
         q, k, v, lengths = case()
         ref = da.decode_attention(q, k, v, lengths, 0.3, backend="torch")
         out = da.decode_attention(q, k, v, lengths, 0.3, num_splits=splits, backend="triton")

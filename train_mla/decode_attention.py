@@ -6,8 +6,9 @@ The same function serves both cache layouts of the inference engine:
 * MLA absorbed ("MQA mode"): K = 1, G = all H heads, d = r + d_r; the values are the first r columns of the
   same latent cache, so v_cache is a view of k_cache and a tile loaded for the scores is reused for the values.
 
-On CUDA a split-KV Triton kernel (flash-decoding: every (sequence, key head, split) is one program, each split
-keeps a running max and sum, and the splits are merged at the end) reads each cache entry once. Elsewhere the
+On CUDA a split-KV Triton kernel (flash-decoding: every (sequence, key head, split) is one program serving all
+query heads of that key head, each split keeps a running max and sum, and a second small kernel merges the splits,
+or none when there is one) reads each cache entry once. Elsewhere the
 plain PyTorch reference below computes the same thing; tests check the kernel against it under Triton's
 interpreter on CPU. Only positions t < lengths[b] of sequence b are attended to.
 """
@@ -49,11 +50,61 @@ def _build_kernel():
     import triton.language as tl
 
     @triton.jit
-    def split_kv_decode(Q, Kc, Vc, Lens, Acc, Max, Sum,
-                        sq_b, sq_k, sq_g, sk_b, sk_t, sk_k, sv_b, sv_t, sv_k,
-                        G, DA, DB, DV, num_splits, scale,
+    def attend_tile(qa, qb, acc, m_i, l_i, Kc, Vc, k_base, v_base, t0, end, sk_t, sv_t, DA, DB, DV, qk_scale,
+                    BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
+                    HAS_B: tl.constexpr, V_IS_KA: tl.constexpr, IEEE: tl.constexpr, MASK_T: tl.constexpr,
+                    EVEN_DA: tl.constexpr, EVEN_DB: tl.constexpr, EVEN_DV: tl.constexpr):
+        # one tile of BLOCK_T cached tokens for all BLOCK_G query heads; MASK_T only for a split's last, partial tile
+        tt = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+        da, db, dv = tl.arange(0, BLOCK_DA), tl.arange(0, BLOCK_DB), tl.arange(0, BLOCK_DV)
+        live = tt < end  # masks only where a tile is partial or a width is not a power of 2: plain loads elsewhere
+        k_row = Kc + k_base + tt[:, None] * sk_t
+        if MASK_T or not EVEN_DA:
+            ka = tl.load(k_row + da[None, :], mask=live[:, None] & (da[None, :] < DA), other=0.0)  # [BLOCK_T, BLOCK_DA]
+        else:
+            ka = tl.load(k_row + da[None, :])
+        if IEEE:
+            qk = tl.dot(qa, tl.trans(ka), input_precision="ieee")  # [BLOCK_G, BLOCK_T]
+        else:
+            qk = tl.dot(qa, tl.trans(ka))
+        if HAS_B:
+            if MASK_T or not EVEN_DB:
+                kb = tl.load(k_row + DA + db[None, :], mask=live[:, None] & (db[None, :] < DB), other=0.0)
+            else:
+                kb = tl.load(k_row + DA + db[None, :])
+            if IEEE:
+                qk += tl.dot(qb, tl.trans(kb), input_precision="ieee")
+            else:
+                qk += tl.dot(qb, tl.trans(kb))
+        qk = qk.to(tl.float32) * qk_scale  # log2 units: exp2 below
+        if MASK_T:
+            qk = tl.where(live[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        if V_IS_KA:
+            v = ka  # MLA: the values are the latent columns just loaded for the scores
+        else:
+            v_row = Vc + v_base + tt[:, None] * sv_t + dv[None, :]
+            if MASK_T or not EVEN_DV:
+                v = tl.load(v_row, mask=live[:, None] & (dv[None, :] < DV), other=0.0)  # [BLOCK_T, BLOCK_DV]
+            else:
+                v = tl.load(v_row)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        return acc * alpha[:, None] + pv, m_new, l_i * alpha + tl.sum(p, 1)
+
+    globals()["attend_tile"] = attend_tile  # Triton resolves the kernels' callees among the module's globals
+
+    @triton.jit
+    def split_kv_decode(Q, Kc, Vc, Lens, Out, Acc, Max, Sum,
+                        sq_b, sq_k, sq_g, sk_b, sk_t, sk_k, sv_b, sv_t, sv_k, so_b, so_k, so_g,
+                        G, DA, DB, DV, num_splits, qk_scale,
                         BLOCK_G: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr,
-                        BLOCK_T: tl.constexpr, HAS_B: tl.constexpr, V_IS_KA: tl.constexpr, IEEE: tl.constexpr):
+                        BLOCK_T: tl.constexpr, HAS_B: tl.constexpr, V_IS_KA: tl.constexpr, IEEE: tl.constexpr,
+                        EVEN_DA: tl.constexpr, EVEN_DB: tl.constexpr, EVEN_DV: tl.constexpr, SINGLE: tl.constexpr):
         # key columns = part A [0, DA) + part B [DA, DA + DB). MLA: A = latent (also the values), B = RoPE key.
         b, kh, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n_kh, n_s = tl.num_programs(1), tl.num_programs(2)
@@ -61,64 +112,71 @@ def _build_kernel():
         chunk = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_T) * BLOCK_T  # tokens per split, whole tiles
         start = s * chunk
         end = tl.minimum(start + chunk, length)
-        g, t = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_T)
+        full_end = start + tl.maximum(end - start, 0) // BLOCK_T * BLOCK_T  # whole tiles: no mask on the tokens
+        g = tl.arange(0, BLOCK_G)
         da, db, dv = tl.arange(0, BLOCK_DA), tl.arange(0, BLOCK_DB), tl.arange(0, BLOCK_DV)
         b64 = b.to(tl.int64)
         q_row = Q + b64 * sq_b + kh * sq_k + g[:, None] * sq_g
         qa = tl.load(q_row + da[None, :], mask=(g[:, None] < G) & (da[None, :] < DA), other=0.0)  # [BLOCK_G, BLOCK_DA]
         qb = tl.load(q_row + DA + db[None, :], mask=(g[:, None] < G) & (db[None, :] < DB), other=0.0)  # [BLOCK_G, BLOCK_DB]
-        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max of the scores
-        l_i = tl.zeros([BLOCK_G], tl.float32)  # running sum of exp(score - max)
-        acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)  # running sum of exp(score - max) * v
-        for t0 in range(start, end, BLOCK_T):
-            tt = (t0 + t).to(tl.int64)
-            live = tt < end
-            k_row = Kc + b64 * sk_b + kh * sk_k + tt[:, None] * sk_t
-            ka = tl.load(k_row + da[None, :], mask=live[:, None] & (da[None, :] < DA), other=0.0)  # [BLOCK_T, BLOCK_DA]
-            if IEEE:
-                qk = tl.dot(qa, tl.trans(ka), input_precision="ieee")
-            else:
-                qk = tl.dot(qa, tl.trans(ka))
-            if HAS_B:
-                kb = tl.load(k_row + DA + db[None, :], mask=live[:, None] & (db[None, :] < DB), other=0.0)
-                if IEEE:
-                    qk += tl.dot(qb, tl.trans(kb), input_precision="ieee")
-                else:
-                    qk += tl.dot(qb, tl.trans(kb))
-            qk = tl.where(live[None, :], qk * scale, float("-inf")).to(tl.float32)  # [BLOCK_G, BLOCK_T]
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            p = tl.exp(qk - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            if V_IS_KA:
-                v = ka  # MLA: the values are the latent columns just loaded for the scores
-            else:
-                v = tl.load(Vc + b64 * sv_b + kh * sv_k + tt[:, None] * sv_t + dv[None, :],
-                            mask=live[:, None] & (dv[None, :] < DV), other=0.0)  # [BLOCK_T, BLOCK_DV]
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
-        row = ((b64 * n_kh + kh) * n_s + s) * BLOCK_G + g  # partials laid out [B, K, S, BLOCK_G, ...]
-        tl.store(Max + row, m_i)
-        tl.store(Sum + row, l_i)
-        tl.store(Acc + row[:, None] * BLOCK_DV + dv[None, :], acc)
+        k_base, v_base = b64 * sk_b + kh * sk_k, b64 * sv_b + kh * sv_k
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max of the scores (log2 units)
+        l_i = tl.zeros([BLOCK_G], tl.float32)  # running sum of exp2(score - max)
+        acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)  # running sum of exp2(score - max) * v
+        for t0 in range(start, full_end, BLOCK_T):
+            acc, m_i, l_i = attend_tile(qa, qb, acc, m_i, l_i, Kc, Vc, k_base, v_base, t0, end, sk_t, sv_t, DA, DB, DV,
+                                        qk_scale, BLOCK_DA, BLOCK_DB, BLOCK_DV, BLOCK_T, HAS_B, V_IS_KA, IEEE, False,
+                                        EVEN_DA, EVEN_DB, EVEN_DV)
+        if full_end < end:
+            acc, m_i, l_i = attend_tile(qa, qb, acc, m_i, l_i, Kc, Vc, k_base, v_base, full_end, end, sk_t, sv_t, DA, DB,
+                                        DV, qk_scale, BLOCK_DA, BLOCK_DB, BLOCK_DV, BLOCK_T, HAS_B, V_IS_KA, IEEE, True,
+                                        EVEN_DA, EVEN_DB, EVEN_DV)
+        if SINGLE:  # one split: the normalised output directly, no merge pass
+            o = Out + b64 * so_b + kh * so_k + g[:, None] * so_g + dv[None, :]
+            tl.store(o, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=(g[:, None] < G) & (dv[None, :] < DV))
+        else:
+            row = ((b64 * n_kh + kh) * n_s + s) * BLOCK_G + g  # partials laid out [B, K, S, BLOCK_G, ...]
+            tl.store(Max + row, m_i)
+            tl.store(Sum + row, l_i)
+            tl.store(Acc + row[:, None] * BLOCK_DV + dv[None, :], acc)
 
-    return split_kv_decode
+    @triton.jit
+    def merge_splits(Out, Acc, Max, Sum, so_b, so_k, so_g, G, DV, num_splits,
+                     BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr):
+        # one program per (sequence, key head): weight each split by exp2(its max - the overall max); empty splits
+        # (max -inf) weigh 0
+        b, kh, n_kh = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+        g, dv = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_DV)
+        base = (b.to(tl.int64) * n_kh + kh) * num_splits * BLOCK_G
+        m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        for s in range(num_splits):
+            m = tl.maximum(m, tl.load(Max + base + s * BLOCK_G + g))
+        num = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+        den = tl.zeros([BLOCK_G], tl.float32)
+        for s in range(num_splits):
+            row = base + s * BLOCK_G + g
+            w = tl.exp2(tl.load(Max + row) - m)
+            den += w * tl.load(Sum + row)
+            num += w[:, None] * tl.load(Acc + row[:, None] * BLOCK_DV + dv[None, :])
+        o = Out + b.to(tl.int64) * so_b + kh * so_k + g[:, None] * so_g + dv[None, :]
+        tl.store(o, (num / den[:, None]).to(Out.dtype.element_ty), mask=(g[:, None] < G) & (dv[None, :] < DV))
+
+    return split_kv_decode, merge_splits
 
 
 def _next_pow2(n: int, floor: int = 16) -> int:
     return max(floor, 1 << (n - 1).bit_length())
 
 
-# tile sizes per cache layout, chosen by the sweep of benchmarks/decode_kernel_sweep.py (docs/benchmarks.md)
-TILE = {"mla": {"block_t": 128, "num_warps": 4, "num_stages": 3}, "gqa": {"block_t": 64, "num_warps": 4, "num_stages": 3}}
+# per cache layout: tile sizes, and (sequence, key head, split) programs per multiprocessor that set the number of
+# splits; chosen by the sweep of benchmarks/decode_kernel_sweep.py (docs/benchmarks.md)
+TILE = {"mla": {"block_t": 128, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2},
+        "gqa": {"block_t": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2}}
+LOG2E = 1.4426950408889634
 
 
 def decode_attention_triton(q, k_cache, v_cache, lengths, scale, num_splits: int):
-    """Split-KV kernel; the merge of the splits is plain PyTorch (tiny tensors).
+    """Split-KV kernel, then one merge kernel for the splits (none when there is one split).
 
     When v_cache is the first columns of k_cache (MLA's latent), each tile is loaded once for scores and values."""
     B, K, G, DK = q.shape
@@ -131,31 +189,32 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, num_splits: int
     BG, BDA, BDB = _next_pow2(G), _next_pow2(DA), _next_pow2(max(DB, 1))
     BDV = BDA if v_is_prefix else _next_pow2(DV)
     tile = TILE["mla" if v_is_prefix else "gqa"]
+    out = torch.empty(B, K, G, DV, device=q.device, dtype=q.dtype)
     acc = torch.empty(B, K, num_splits, BG, BDV, device=q.device, dtype=torch.float32)
     mx = torch.empty(B, K, num_splits, BG, device=q.device, dtype=torch.float32)
     sm = torch.empty_like(mx)
-    kernel()[(B, K, num_splits)](
-        q, k_cache, v_cache, lengths, acc, mx, sm,
+    split_kv_decode, merge_splits = kernel()
+    split_kv_decode[(B, K, num_splits)](
+        q, k_cache, v_cache, lengths, out, acc, mx, sm,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        G, DA, DB, DV, num_splits, scale,
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        G, DA, DB, DV, num_splits, scale * LOG2E,
         BLOCK_G=BG, BLOCK_DA=BDA, BLOCK_DB=BDB, BLOCK_DV=BDV, BLOCK_T=tile["block_t"], HAS_B=DB > 0,
-        V_IS_KA=v_is_prefix, IEEE=q.dtype == torch.float32, num_warps=tile["num_warps"], num_stages=tile["num_stages"])
-    weight = torch.exp(mx - mx.amax(2, keepdim=True))  # [B, K, S, BG]; empty splits have max -inf -> weight 0
-    out = (acc * weight[..., None]).sum(2) / (sm * weight).sum(2)[..., None]  # [B, K, BG, BDV]
-    return out[:, :, :G, :DV].to(q.dtype)
+        V_IS_KA=v_is_prefix, IEEE=q.dtype == torch.float32, EVEN_DA=DA == BDA, EVEN_DB=DB == BDB,
+        EVEN_DV=DV == BDV, SINGLE=num_splits == 1, num_warps=tile["num_warps"], num_stages=tile["num_stages"])
+    if num_splits > 1:
+        merge_splits[(B, K)](out, acc, mx, sm, out.stride(0), out.stride(1), out.stride(2), G, DV, num_splits,
+                             BLOCK_G=BG, BLOCK_DV=BDV, num_warps=4)
+    return out
 
 
 def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
 
 
-PROGRAMS_PER_SM = 2  # with TILE above: chosen by benchmarks/decode_kernel_sweep.py
-
-
-def default_num_splits(batch: int, kv_heads: int, sms: int) -> int:
-    """Enough (sequence, key head, split) programs to give every multiprocessor PROGRAMS_PER_SM of them."""
-    return max(1, min(64, math.ceil(PROGRAMS_PER_SM * sms / (batch * kv_heads))))
+def default_num_splits(batch: int, kv_heads: int, sms: int, layout: str = "gqa") -> int:
+    """Enough (sequence, key head, split) programs to give every multiprocessor TILE[layout]["programs_per_sm"]."""
+    return max(1, min(64, math.ceil(TILE[layout]["programs_per_sm"] * sms / (batch * kv_heads))))
 
 
 def use_triton(device: torch.device) -> bool:
@@ -170,5 +229,6 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, num_splits: int | None
         raise ValueError(f"decode attention backend must be auto, triton or torch, not {backend!r}")
     if backend == "torch" or (backend == "auto" and not use_triton(q.device)):
         return decode_attention_reference(q, k_cache, v_cache, lengths, scale)
-    splits = num_splits or default_num_splits(q.shape[0], q.shape[1], multiprocessors(q.device))
+    layout = "mla" if v_cache.data_ptr() == k_cache.data_ptr() else "gqa"
+    splits = num_splits or default_num_splits(q.shape[0], q.shape[1], multiprocessors(q.device), layout)
     return decode_attention_triton(q, k_cache, v_cache, lengths, scale, splits)

@@ -28,7 +28,7 @@ class LatentCache:
     """Cache of one MLA layer: per token the latent c_kv (r values) then the rotated RoPE key k_pe (d_r)."""
 
     def __init__(self, attn: MLAAttention, slots: int, length: int, dtype, device):
-        self.attn, self.slots, self.kv_heads = attn, None, 1
+        self.attn, self.slots, self.kv_heads, self.layout = attn, None, 1, "mla"
         H, r, d_n, d_v = attn.num_heads, attn.kv_lora_rank, attn.qk_nope_head_dim, attn.v_head_dim
         self.data = torch.zeros(slots, length, 1, r + attn.qk_rope_head_dim, dtype=dtype, device=device)
         w = attn.kv_b_proj.weight.view(H, d_n + d_v, r)
@@ -77,7 +77,7 @@ class KVCache:
 
     def __init__(self, attn: nn.Module, slots: int, length: int, dtype, device):
         K, d = attn.config.num_key_value_heads, attn.head_dim
-        self.attn, self.slots, self.kv_heads = attn, None, K
+        self.attn, self.slots, self.kv_heads, self.layout = attn, None, K, "gqa"
         self.k = torch.zeros(slots, length, K, d, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
 
@@ -211,7 +211,8 @@ class Engine:
         for layer, cache in zip(self.layers, self.caches):
             cos, sin = (m_cos, m_sin) if isinstance(cache, LatentCache) else (g_cos, g_sin)
             q, row = self._pre(cache, layer, h, cos, sin)
-            o = cache.attend(q, row, positions, self.backend, default_num_splits(B, cache.kv_heads, self.sms))
+            splits = default_num_splits(B, cache.kv_heads, self.sms, cache.layout)
+            o = cache.attend(q, row, positions, self.backend, splits)
             h = self._post(cache, layer, h, o)
         return _at_least_fp32(self.model.lm_head(self.model.model.norm(h)))
 
