@@ -42,8 +42,8 @@ def bench(fn, reps=20):
     return sorted(times)[len(times) // 2]
 
 
-# (programs per SM, tokens per tile, warps, pipeline stages) tried per layout
-GRID = {"mla": ([2, 4, 8], [64, 128], [4, 8], [2, 3]), "gqa": ([2, 4], [64], [4], [3])}
+# (programs per SM, tokens per tile, warps, pipeline stages, transposed) tried per layout
+GRID = {"mla": ([2, 4, 8], [64, 128], [4], [2, 3], [False, True]), "gqa": ([2], [64], [4], [3], [False, True])}
 
 
 def main():
@@ -58,18 +58,19 @@ def main():
     for layout, (q, k, v, nbytes) in cases.items():
         ref = da.decode_attention(q, k, v, lengths, 0.1, backend="torch").float()
         grid = GRID[layout]
-        for per_sm, bt, warps, stages in itertools.product(*grid):
-            da.TILE[layout] = {"block_t": bt, "num_warps": warps, "num_stages": stages, "programs_per_sm": per_sm}
+        for per_sm, bt, warps, stages, trans in itertools.product(*grid):
+            da.TILE[layout] = {"block_t": bt, "num_warps": warps, "num_stages": stages, "programs_per_sm": per_sm,
+                               "transposed": trans}
             splits = da.default_num_splits(B, q.shape[1], da.multiprocessors(dev), layout)
             try:
                 err = float((da.decode_attention_triton(q, k, v, lengths, 0.1, splits).float() - ref).abs().max())
                 t = bench(lambda: da.decode_attention_triton(q, k, v, lengths, 0.1, splits))
             except Exception as e:  # e.g. out of shared memory for the biggest tiles
                 rows.append({"layout": layout, "programs_per_sm": per_sm, "block_t": bt, "num_warps": warps,
-                             "num_stages": stages, "error": str(e)[:120]})
+                             "num_stages": stages, "transposed": trans, "error": str(e)[:120]})
                 continue
             rows.append({"layout": layout, "programs_per_sm": per_sm, "splits": splits, "block_t": bt, "num_warps": warps,
-                         "num_stages": stages, "us": 1e6 * t,
+                         "num_stages": stages, "transposed": trans, "us": 1e6 * t,
                          "tb_per_s": nbytes / t / 1e12, "max_abs_err": err})
             print(json.dumps(rows[-1]), flush=True)
     best = {lay: max((r for r in rows if r["layout"] == lay and "us" in r), key=lambda r: r["tb_per_s"]) for lay in cases}

@@ -66,13 +66,16 @@ sys.path[:0] = [{repo!r}, {tests!r}]
 from test_decode_attention import _gqa_case, _mla_case, _mla_even_case
 from train_mla import decode_attention as da
 worst = 0.0
-for case in (_mla_case, _mla_even_case, _gqa_case):
-    for splits in (1, 2, 3, 7):
-        q, k, v, lengths = case()
-        ref = da.decode_attention(q, k, v, lengths, 0.3, backend="torch")
-        out = da.decode_attention(q, k, v, lengths, 0.3, num_splits=splits, backend="triton")
-        assert out.shape == ref.shape
-        worst = max(worst, float((out - ref).abs().max()))
+for transposed in (False, True):  # both formulations of the kernel
+    for layout in da.TILE:
+        da.TILE[layout]["transposed"] = transposed
+    for case in (_mla_case, _mla_even_case, _gqa_case):
+        for splits in (1, 2, 3, 7):
+            q, k, v, lengths = case()
+            ref = da.decode_attention(q, k, v, lengths, 0.3, backend="torch")
+            out = da.decode_attention(q, k, v, lengths, 0.3, num_splits=splits, backend="triton")
+            assert out.shape == ref.shape
+            worst = max(worst, float((out - ref).abs().max()))
 from conftest import tiny_llama
 from train_mla.arguments import MLAArguments
 from train_mla.engine import Engine

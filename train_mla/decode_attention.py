@@ -53,8 +53,10 @@ def _build_kernel():
     def attend_tile(qa, qb, acc, m_i, l_i, Kc, Vc, k_base, v_base, t0, end, sk_t, sv_t, DA, DB, DV, qk_scale,
                     BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
                     HAS_B: tl.constexpr, V_IS_KA: tl.constexpr, IEEE: tl.constexpr, MASK_T: tl.constexpr,
-                    EVEN_DA: tl.constexpr, EVEN_DB: tl.constexpr, EVEN_DV: tl.constexpr):
-        # one tile of BLOCK_T cached tokens for all BLOCK_G query heads; MASK_T only for a split's last, partial tile
+                    EVEN_DA: tl.constexpr, EVEN_DB: tl.constexpr, EVEN_DV: tl.constexpr, TRANS: tl.constexpr):
+        # one tile of BLOCK_T cached tokens for all BLOCK_G query heads; MASK_T only for a split's last, partial tile.
+        # TRANS: everything transposed (qa [DA, G], qb [DB, G], acc [DV, G]): scores [BLOCK_T, BLOCK_G], so that the
+        # tokens, not the few query heads, fill the rows of the matrix units
         tt = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
         da, db, dv = tl.arange(0, BLOCK_DA), tl.arange(0, BLOCK_DB), tl.arange(0, BLOCK_DV)
         live = tt < end  # masks only where a tile is partial or a width is not a power of 2: plain loads elsewhere
@@ -63,15 +65,45 @@ def _build_kernel():
             ka = tl.load(k_row + da[None, :], mask=live[:, None] & (da[None, :] < DA), other=0.0)  # [BLOCK_T, BLOCK_DA]
         else:
             ka = tl.load(k_row + da[None, :])
-        if IEEE:
-            qk = tl.dot(qa, tl.trans(ka), input_precision="ieee")  # [BLOCK_G, BLOCK_T]
-        else:
-            qk = tl.dot(qa, tl.trans(ka))
         if HAS_B:
             if MASK_T or not EVEN_DB:
                 kb = tl.load(k_row + DA + db[None, :], mask=live[:, None] & (db[None, :] < DB), other=0.0)
             else:
                 kb = tl.load(k_row + DA + db[None, :])
+        if V_IS_KA:
+            v = ka  # MLA: the values are the latent columns just loaded for the scores
+        else:
+            v_row = Vc + v_base + tt[:, None] * sv_t + dv[None, :]
+            if MASK_T or not EVEN_DV:
+                v = tl.load(v_row, mask=live[:, None] & (dv[None, :] < DV), other=0.0)  # [BLOCK_T, BLOCK_DV]
+            else:
+                v = tl.load(v_row)
+        if TRANS:
+            if IEEE:
+                qk = tl.dot(ka, qa, input_precision="ieee")  # [BLOCK_T, BLOCK_G]
+            else:
+                qk = tl.dot(ka, qa)
+            if HAS_B:
+                if IEEE:
+                    qk += tl.dot(kb, qb, input_precision="ieee")
+                else:
+                    qk += tl.dot(kb, qb)
+            qk = qk.to(tl.float32) * qk_scale  # log2 units: exp2 below
+            if MASK_T:
+                qk = tl.where(live[:, None], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 0))
+            p = tl.exp2(qk - m_new[None, :])
+            alpha = tl.exp2(m_i - m_new)
+            if IEEE:
+                pv = tl.dot(tl.trans(v), p.to(v.dtype), input_precision="ieee")  # [BLOCK_DV, BLOCK_G]
+            else:
+                pv = tl.dot(tl.trans(v), p.to(v.dtype))
+            return acc * alpha[None, :] + pv, m_new, l_i * alpha + tl.sum(p, 0)
+        if IEEE:
+            qk = tl.dot(qa, tl.trans(ka), input_precision="ieee")  # [BLOCK_G, BLOCK_T]
+        else:
+            qk = tl.dot(qa, tl.trans(ka))
+        if HAS_B:
             if IEEE:
                 qk += tl.dot(qb, tl.trans(kb), input_precision="ieee")
             else:
@@ -82,14 +114,6 @@ def _build_kernel():
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
-        if V_IS_KA:
-            v = ka  # MLA: the values are the latent columns just loaded for the scores
-        else:
-            v_row = Vc + v_base + tt[:, None] * sv_t + dv[None, :]
-            if MASK_T or not EVEN_DV:
-                v = tl.load(v_row, mask=live[:, None] & (dv[None, :] < DV), other=0.0)  # [BLOCK_T, BLOCK_DV]
-            else:
-                v = tl.load(v_row)
         if IEEE:
             pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -104,7 +128,8 @@ def _build_kernel():
                         G, DA, DB, DV, num_splits, qk_scale,
                         BLOCK_G: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr,
                         BLOCK_T: tl.constexpr, HAS_B: tl.constexpr, V_IS_KA: tl.constexpr, IEEE: tl.constexpr,
-                        EVEN_DA: tl.constexpr, EVEN_DB: tl.constexpr, EVEN_DV: tl.constexpr, SINGLE: tl.constexpr):
+                        EVEN_DA: tl.constexpr, EVEN_DB: tl.constexpr, EVEN_DV: tl.constexpr, SINGLE: tl.constexpr,
+                        TRANS: tl.constexpr):
         # key columns = part A [0, DA) + part B [DA, DA + DB). MLA: A = latent (also the values), B = RoPE key.
         b, kh, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n_kh, n_s = tl.num_programs(1), tl.num_programs(2)
@@ -122,15 +147,21 @@ def _build_kernel():
         k_base, v_base = b64 * sk_b + kh * sk_k, b64 * sv_b + kh * sv_k
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max of the scores (log2 units)
         l_i = tl.zeros([BLOCK_G], tl.float32)  # running sum of exp2(score - max)
-        acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)  # running sum of exp2(score - max) * v
+        if TRANS:
+            qa, qb = tl.trans(qa), tl.trans(qb)  # [BLOCK_DA, BLOCK_G], [BLOCK_DB, BLOCK_G]
+            acc = tl.zeros([BLOCK_DV, BLOCK_G], tl.float32)  # running sum of exp2(score - max) * v, transposed
+        else:
+            acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)  # running sum of exp2(score - max) * v
         for t0 in range(start, full_end, BLOCK_T):
             acc, m_i, l_i = attend_tile(qa, qb, acc, m_i, l_i, Kc, Vc, k_base, v_base, t0, end, sk_t, sv_t, DA, DB, DV,
                                         qk_scale, BLOCK_DA, BLOCK_DB, BLOCK_DV, BLOCK_T, HAS_B, V_IS_KA, IEEE, False,
-                                        EVEN_DA, EVEN_DB, EVEN_DV)
+                                        EVEN_DA, EVEN_DB, EVEN_DV, TRANS)
         if full_end < end:
             acc, m_i, l_i = attend_tile(qa, qb, acc, m_i, l_i, Kc, Vc, k_base, v_base, full_end, end, sk_t, sv_t, DA, DB,
                                         DV, qk_scale, BLOCK_DA, BLOCK_DB, BLOCK_DV, BLOCK_T, HAS_B, V_IS_KA, IEEE, True,
-                                        EVEN_DA, EVEN_DB, EVEN_DV)
+                                        EVEN_DA, EVEN_DB, EVEN_DV, TRANS)
+        if TRANS:
+            acc = tl.trans(acc)  # [BLOCK_G, BLOCK_DV]
         if SINGLE:  # one split: the normalised output directly, no merge pass
             o = Out + b64 * so_b + kh * so_k + g[:, None] * so_g + dv[None, :]
             tl.store(o, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=(g[:, None] < G) & (dv[None, :] < DV))
@@ -170,8 +201,8 @@ def _next_pow2(n: int, floor: int = 16) -> int:
 
 # per cache layout: tile sizes, and (sequence, key head, split) programs per multiprocessor that set the number of
 # splits; chosen by the sweep of benchmarks/decode_kernel_sweep.py (docs/benchmarks.md)
-TILE = {"mla": {"block_t": 128, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2},
-        "gqa": {"block_t": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2}}
+TILE = {"mla": {"block_t": 128, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2, "transposed": False},
+        "gqa": {"block_t": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2, "transposed": False}}
 LOG2E = 1.4426950408889634
 
 
@@ -201,7 +232,8 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, num_splits: int
         G, DA, DB, DV, num_splits, scale * LOG2E,
         BLOCK_G=BG, BLOCK_DA=BDA, BLOCK_DB=BDB, BLOCK_DV=BDV, BLOCK_T=tile["block_t"], HAS_B=DB > 0,
         V_IS_KA=v_is_prefix, IEEE=q.dtype == torch.float32, EVEN_DA=DA == BDA, EVEN_DB=DB == BDB,
-        EVEN_DV=DV == BDV, SINGLE=num_splits == 1, num_warps=tile["num_warps"], num_stages=tile["num_stages"])
+        EVEN_DV=DV == BDV, SINGLE=num_splits == 1, TRANS=tile["transposed"], num_warps=tile["num_warps"],
+        num_stages=tile["num_stages"])
     if num_splits > 1:
         merge_splits[(B, K)](out, acc, mx, sm, out.stride(0), out.stride(1), out.stride(2), G, DV, num_splits,
                              BLOCK_G=BG, BLOCK_DV=BDV, num_warps=4)
