@@ -67,7 +67,7 @@ def main():
                 t = bench(lambda: da.decode_attention_triton(q, k, v, lengths, 0.1, splits))
             except Exception as e:  # e.g. out of shared memory for the biggest tiles
                 rows.append({"layout": layout, "programs_per_sm": per_sm, "block_t": bt, "num_warps": warps,
-                             "num_stages": stages, "transposed": trans, "error": str(e)[:120]})
+                             "num_stages": stages, "transposed": trans, "error": str(e)[-3000:]})
                 continue
             rows.append({"layout": layout, "programs_per_sm": per_sm, "splits": splits, "block_t": bt, "num_warps": warps,
                          "num_stages": stages, "transposed": trans, "us": 1e6 * t,

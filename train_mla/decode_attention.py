@@ -98,27 +98,31 @@ def _build_kernel():
                 pv = tl.dot(tl.trans(v), p.to(v.dtype), input_precision="ieee")  # [BLOCK_DV, BLOCK_G]
             else:
                 pv = tl.dot(tl.trans(v), p.to(v.dtype))
-            return acc * alpha[None, :] + pv, m_new, l_i * alpha + tl.sum(p, 0)
-        if IEEE:
-            qk = tl.dot(qa, tl.trans(ka), input_precision="ieee")  # [BLOCK_G, BLOCK_T]
-        else:
-            qk = tl.dot(qa, tl.trans(ka))
-        if HAS_B:
+            acc = acc * alpha[None, :] + pv
+            l_i = l_i * alpha + tl.sum(p, 0)
+        else:  # (no early return: compiled Triton would still build the code after it)
             if IEEE:
-                qk += tl.dot(qb, tl.trans(kb), input_precision="ieee")
+                qk = tl.dot(qa, tl.trans(ka), input_precision="ieee")  # [BLOCK_G, BLOCK_T]
             else:
-                qk += tl.dot(qb, tl.trans(kb))
-        qk = qk.to(tl.float32) * qk_scale  # log2 units: exp2 below
-        if MASK_T:
-            qk = tl.where(live[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.exp2(qk - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        return acc * alpha[:, None] + pv, m_new, l_i * alpha + tl.sum(p, 1)
+                qk = tl.dot(qa, tl.trans(ka))
+            if HAS_B:
+                if IEEE:
+                    qk += tl.dot(qb, tl.trans(kb), input_precision="ieee")
+                else:
+                    qk += tl.dot(qb, tl.trans(kb))
+            qk = qk.to(tl.float32) * qk_scale  # log2 units: exp2 below
+            if MASK_T:
+                qk = tl.where(live[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            p = tl.exp2(qk - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
+            if IEEE:
+                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            l_i = l_i * alpha + tl.sum(p, 1)
+        return acc, m_new, l_i
 
     globals()["attend_tile"] = attend_tile  # Triton resolves the kernels' callees among the module's globals
 
@@ -148,16 +152,17 @@ def _build_kernel():
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max of the scores (log2 units)
         l_i = tl.zeros([BLOCK_G], tl.float32)  # running sum of exp2(score - max)
         if TRANS:
-            qa, qb = tl.trans(qa), tl.trans(qb)  # [BLOCK_DA, BLOCK_G], [BLOCK_DB, BLOCK_G]
+            qx, qy = tl.trans(qa), tl.trans(qb)  # [BLOCK_DA, BLOCK_G], [BLOCK_DB, BLOCK_G]
             acc = tl.zeros([BLOCK_DV, BLOCK_G], tl.float32)  # running sum of exp2(score - max) * v, transposed
         else:
+            qx, qy = qa, qb
             acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)  # running sum of exp2(score - max) * v
         for t0 in range(start, full_end, BLOCK_T):
-            acc, m_i, l_i = attend_tile(qa, qb, acc, m_i, l_i, Kc, Vc, k_base, v_base, t0, end, sk_t, sv_t, DA, DB, DV,
+            acc, m_i, l_i = attend_tile(qx, qy, acc, m_i, l_i, Kc, Vc, k_base, v_base, t0, end, sk_t, sv_t, DA, DB, DV,
                                         qk_scale, BLOCK_DA, BLOCK_DB, BLOCK_DV, BLOCK_T, HAS_B, V_IS_KA, IEEE, False,
                                         EVEN_DA, EVEN_DB, EVEN_DV, TRANS)
         if full_end < end:
-            acc, m_i, l_i = attend_tile(qa, qb, acc, m_i, l_i, Kc, Vc, k_base, v_base, full_end, end, sk_t, sv_t, DA, DB,
+            acc, m_i, l_i = attend_tile(qx, qy, acc, m_i, l_i, Kc, Vc, k_base, v_base, full_end, end, sk_t, sv_t, DA, DB,
                                         DV, qk_scale, BLOCK_DA, BLOCK_DB, BLOCK_DV, BLOCK_T, HAS_B, V_IS_KA, IEEE, True,
                                         EVEN_DA, EVEN_DB, EVEN_DV, TRANS)
         if TRANS:
@@ -201,7 +206,7 @@ def _next_pow2(n: int, floor: int = 16) -> int:
 
 # per cache layout: tile sizes, and (sequence, key head, split) programs per multiprocessor that set the number of
 # splits; chosen by the sweep of benchmarks/decode_kernel_sweep.py (docs/benchmarks.md)
-TILE = {"mla": {"block_t": 128, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2, "transposed": False},
+TILE = {"mla": {"block_t": 128, "num_warps": 4, "num_stages": 3, "programs_per_sm": 4, "transposed": False},
         "gqa": {"block_t": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2, "transposed": False}}
 LOG2E = 1.4426950408889634
 
