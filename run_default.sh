@@ -13,8 +13,8 @@
 # the pipeline and of the initialisation, not of what training recovers, and it says so on the console, in summary.md
 # and in summary.png.
 # Everything a run writes lands under OUTPUT_DIR (tokenised data and dataset caches, logs, eval results; finished
-# stages keep no optimizer checkpoints), except data/sharegpt (and data/sharegpt_all on a GPU), the recipes' data, built once. QUICK=1 shrinks every
-# stage (tests).
+# stages keep no optimizer checkpoints), except data/sharegpt (and data/sharegpt_all on a GPU), the recipes' data,
+# built once. QUICK=1 shrinks every stage (tests).
 # Stopping and continuing: SIGTERM or Ctrl-C during training saves a checkpoint of the step in progress and stops
 # (exit 143/130); `bash run_default.sh OUTPUT_DIR` again continues that run: finished stages and evaluations are kept,
 # training resumes from its last checkpoint. A folder that another command wrote, or this script with other settings
