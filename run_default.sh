@@ -55,7 +55,7 @@ if [ "$gpu" = 1 ]; then   # one GPU: the recovery recipe, through accelerate + D
     S1+=(--dataset_mixer "{data/sharegpt_all/chat_train.jsonl: 1.0, data/sharegpt_all/chat_test.jsonl: 1.0}")
   fi
   S2=(--max_steps $([ "$quick" = 1 ] && echo 2 || echo 250) --eval_strategy steps --eval_steps 125 --per_device_eval_batch_size 32)
-  EV=(--dtype bfloat16 --batch_size 16)
+  EV=(--dtype bfloat16 --batch_size 16 --max_length 2048)  # 2,048-token windows, as docs/results.md scores them
   if [ "$quick" = 1 ]; then EV+=(--limit 8); fi
 else                      # CPU: float32, short sequences, a few steps; no layer-wise refinement (minutes on a GPU, hours on 2 cores)
   S1=(--torch_dtype float32 --bf16 false --use_cpu true --per_device_train_batch_size 2 --max_seq_length 512 --calibration_samples 8 --refine_steps 0
@@ -87,7 +87,7 @@ m = u.module_from_spec(s); s.loader.exec_module(m); sys.exit(m.saved_model_probl
 progress() { trap '' TERM INT; tee -a "$1" | { grep -a --line-buffered -o '\[train_mla\] .*' || true; }; }
 
 # evaluations run in the background, at most `jobs` at once (one GPU holds several: lm-eval scores WikiText in
-# windows of the model's 8,192 positions; a CPU one); a model already scored in an earlier try is not scored again
+# windows; a CPU one); a model already scored in an earlier try is not scored again
 jobs=$([ "$gpu" = 1 ] && echo 3 || echo 1); failed=(); running=()
 tasks=offline  # on a GPU, ../shared/data adds ARC-Easy, SIQA, LAMBADA, WikiText-2, TinyStories (too slow for 2 CPU cores)
 if [ "$gpu" = 1 ] && [ -d ../shared/data ] && [ "$quick" != 1 ]; then tasks=offline,shared; fi
