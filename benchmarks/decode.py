@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from transformers import LlamaForCausalLM  # noqa: E402
 
 from shapes import LLAMA_1B, MLA_1B, MLA_TINY, TINY, config  # noqa: E402
+from train_mla import decode_attention as da  # noqa: E402
 from train_mla.engine import Engine  # noqa: E402
 from train_mla.kv_cache_size import kv_cache_table  # noqa: E402
 from train_mla.modeling_llama_mla import LlamaMLAForCausalLM  # noqa: E402
@@ -163,12 +164,6 @@ def check_engine(models, device, dtype):
     return out
 
 
-def _tiles():
-    from train_mla import decode_attention as da
-
-    return {k: dict(v) for k, v in da.TILE.items()}
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--grid", nargs="*", default=["1x1024", "64x1024", "64x8192", "16x32768", "4x131072"],
@@ -185,8 +180,6 @@ def main(argv=None):
     p.add_argument("--tiles", help="a benchmarks/decode_kernel_sweep.py output: run the kernel with its best tiles")
     a = p.parse_args(argv)
     if a.tiles:
-        from train_mla import decode_attention as da
-
         for layout, row in json.loads(Path(a.tiles).read_text())["best"].items():
             da.TILE[layout] = {k: row.get(k, False) for k in ("block_t", "num_warps", "num_stages", "programs_per_sm",
                                                                "transposed")}
@@ -202,7 +195,8 @@ def main(argv=None):
     bw = copy_bandwidth(device, 0.01 if a.smoke else 4.0)
     info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
             "dtype": str(dtype), "copy_bandwidth_bytes_per_s": bw, "weights": "random (speed does not depend on them)",
-            "compile": a.compile, "steps": a.steps, "kv_cache_table": kv, "tiles": _tiles()}
+            "compile": a.compile, "steps": a.steps, "kv_cache_table": kv,
+            "tiles": {k: dict(v) for k, v in da.TILE.items()}}
     print(json.dumps(info), flush=True)
     result = {"info": info, "check": check_engine(models, device, dtype), "grid": [], "hf_generate": [], "max_batch_32k": []}
     print(json.dumps(result["check"]), flush=True)

@@ -50,6 +50,16 @@ def _build_kernel():
     import triton.language as tl
 
     @triton.jit
+    def dot(a, b, IEEE: tl.constexpr):  # fp32 inputs in full precision (the tests' float32), else the tensor cores
+        if IEEE:
+            c = tl.dot(a, b, input_precision="ieee")
+        else:
+            c = tl.dot(a, b)
+        return c
+
+    globals()["dot"] = dot  # Triton resolves the kernels' callees among the module's globals (also attend_tile)
+
+    @triton.jit
     def attend_tile(qa, qb, acc, m_i, l_i, Kc, Vc, k_base, v_base, t0, end, sk_t, sv_t, DA, DB, DV, qk_scale,
                     BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr,
                     HAS_B: tl.constexpr, V_IS_KA: tl.constexpr, IEEE: tl.constexpr, MASK_T: tl.constexpr,
@@ -79,52 +89,34 @@ def _build_kernel():
             else:
                 v = tl.load(v_row)
         if TRANS:
-            if IEEE:
-                qk = tl.dot(ka, qa, input_precision="ieee")  # [BLOCK_T, BLOCK_G]
-            else:
-                qk = tl.dot(ka, qa)
+            qk = dot(ka, qa, IEEE)  # [BLOCK_T, BLOCK_G]
             if HAS_B:
-                if IEEE:
-                    qk += tl.dot(kb, qb, input_precision="ieee")
-                else:
-                    qk += tl.dot(kb, qb)
+                qk += dot(kb, qb, IEEE)
             qk = qk.to(tl.float32) * qk_scale  # log2 units: exp2 below
             if MASK_T:
                 qk = tl.where(live[:, None], qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 0))
             p = tl.exp2(qk - m_new[None, :])
             alpha = tl.exp2(m_i - m_new)
-            if IEEE:
-                pv = tl.dot(tl.trans(v), p.to(v.dtype), input_precision="ieee")  # [BLOCK_DV, BLOCK_G]
-            else:
-                pv = tl.dot(tl.trans(v), p.to(v.dtype))
+            pv = dot(tl.trans(v), p.to(v.dtype), IEEE)  # [BLOCK_DV, BLOCK_G]
             acc = acc * alpha[None, :] + pv
             l_i = l_i * alpha + tl.sum(p, 0)
         else:  # (no early return: compiled Triton would still build the code after it)
-            if IEEE:
-                qk = tl.dot(qa, tl.trans(ka), input_precision="ieee")  # [BLOCK_G, BLOCK_T]
-            else:
-                qk = tl.dot(qa, tl.trans(ka))
+            qk = dot(qa, tl.trans(ka), IEEE)  # [BLOCK_G, BLOCK_T]
             if HAS_B:
-                if IEEE:
-                    qk += tl.dot(qb, tl.trans(kb), input_precision="ieee")
-                else:
-                    qk += tl.dot(qb, tl.trans(kb))
+                qk += dot(qb, tl.trans(kb), IEEE)
             qk = qk.to(tl.float32) * qk_scale  # log2 units: exp2 below
             if MASK_T:
                 qk = tl.where(live[None, :], qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             p = tl.exp2(qk - m_new[:, None])
             alpha = tl.exp2(m_i - m_new)
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
+            pv = dot(p.to(v.dtype), v, IEEE)
             acc = acc * alpha[:, None] + pv
             l_i = l_i * alpha + tl.sum(p, 1)
         return acc, m_new, l_i
 
-    globals()["attend_tile"] = attend_tile  # Triton resolves the kernels' callees among the module's globals
+    globals()["attend_tile"] = attend_tile
 
     @triton.jit
     def split_kv_decode(Q, Kc, Vc, Lens, Out, Acc, Max, Sum,
@@ -211,8 +203,9 @@ TILE = {"mla": {"block_t": 128, "num_warps": 4, "num_stages": 3, "programs_per_s
 LOG2E = 1.4426950408889634
 
 
-def decode_attention_triton(q, k_cache, v_cache, lengths, scale, num_splits: int):
-    """Split-KV kernel, then one merge kernel for the splits (none when there is one split).
+def decode_attention_triton(q, k_cache, v_cache, lengths, scale, num_splits: int | None = None):
+    """Split-KV kernel, then one merge kernel for the splits (none when there is one split); num_splits None = enough
+    programs for every multiprocessor (default_num_splits).
 
     When v_cache is the first columns of k_cache (MLA's latent), each tile is loaded once for scores and values."""
     B, K, G, DK = q.shape
@@ -224,7 +217,9 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, num_splits: int
     DB = DK - DA
     BG, BDA, BDB = _next_pow2(G), _next_pow2(DA), _next_pow2(max(DB, 1))
     BDV = BDA if v_is_prefix else _next_pow2(DV)
-    tile = TILE["mla" if v_is_prefix else "gqa"]
+    layout = "mla" if v_is_prefix else "gqa"
+    tile = TILE[layout]
+    num_splits = num_splits or default_num_splits(B, K, multiprocessors(q.device), layout)
     out = torch.empty(B, K, G, DV, device=q.device, dtype=q.dtype)
     acc = torch.empty(B, K, num_splits, BG, BDV, device=q.device, dtype=torch.float32)
     mx = torch.empty(B, K, num_splits, BG, device=q.device, dtype=torch.float32)
@@ -266,6 +261,4 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, num_splits: int | None
         raise ValueError(f"decode attention backend must be auto, triton or torch, not {backend!r}")
     if backend == "torch" or (backend == "auto" and not use_triton(q.device)):
         return decode_attention_reference(q, k_cache, v_cache, lengths, scale)
-    layout = "mla" if v_cache.data_ptr() == k_cache.data_ptr() else "gqa"
-    splits = num_splits or default_num_splits(q.shape[0], q.shape[1], multiprocessors(q.device), layout)
-    return decode_attention_triton(q, k_cache, v_cache, lengths, scale, splits)
+    return decode_attention_triton(q, k_cache, v_cache, lengths, scale, num_splits)

@@ -16,7 +16,7 @@ per layer: MLA [slots, T, 1, r + d_r], GQA K and V [slots, T, K, d]; its bytes p
 import torch
 from torch import nn
 
-from .decode_attention import decode_attention, default_num_splits, kernel, multiprocessors, use_triton
+from .decode_attention import decode_attention, kernel, use_triton
 from .mla_attention import MLAAttention, apply_rope
 
 
@@ -28,7 +28,7 @@ class LatentCache:
     """Cache of one MLA layer: per token the latent c_kv (r values) then the rotated RoPE key k_pe (d_r)."""
 
     def __init__(self, attn: MLAAttention, slots: int, length: int, dtype, device):
-        self.attn, self.slots, self.kv_heads, self.layout = attn, None, 1, "mla"
+        self.attn, self.slots = attn, None
         H, r, d_n, d_v = attn.num_heads, attn.kv_lora_rank, attn.qk_nope_head_dim, attn.v_head_dim
         self.data = torch.zeros(slots, length, 1, r + attn.qk_rope_head_dim, dtype=dtype, device=device)
         w = attn.kv_b_proj.weight.view(H, d_n + d_v, r)
@@ -58,12 +58,12 @@ class LatentCache:
         q_abs = torch.cat([q_lat, q_pe], -1)[:, None].to(self.data.dtype)  # [B, 1, H, r + d_r]: one key head
         return q_abs, torch.cat([c_kv, k_pe], -1).to(self.data.dtype)  # row: [B, r + d_r]
 
-    def attend(self, q_abs, row, positions, backend, splits):
+    def attend(self, q_abs, row, positions, backend):
         """Write the new rows at `positions`, attend over each sequence's rows -> o_lat [B, 1, H, r]."""
         B, r = q_abs.shape[0], self.attn.kv_lora_rank
         self.data[torch.arange(B, device=row.device), positions, 0] = row
         cache = self.data[:B]  # [B, T, 1, r + d_r]
-        return decode_attention(q_abs, cache, cache[..., :r], positions + 1, self.attn.scaling, splits, backend)
+        return decode_attention(q_abs, cache, cache[..., :r], positions + 1, self.attn.scaling, backend=backend)
 
     def finish(self, o_lat):
         """o_lat [B, 1, H, r] -> attention output [B, D]: the value up-projection, then o_proj."""
@@ -77,7 +77,7 @@ class KVCache:
 
     def __init__(self, attn: nn.Module, slots: int, length: int, dtype, device):
         K, d = attn.config.num_key_value_heads, attn.head_dim
-        self.attn, self.slots, self.kv_heads, self.layout = attn, None, K, "gqa"
+        self.attn, self.slots, self.kv_heads = attn, None, K
         self.k = torch.zeros(slots, length, K, d, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
 
@@ -101,12 +101,12 @@ class KVCache:
         k = apply_rope(k, cos[:, None], sin[:, None], False)[:, :, 0]
         return q.to(self.k.dtype), (k.to(self.k.dtype), v.to(self.v.dtype))
 
-    def attend(self, q, row, positions, backend, splits):
+    def attend(self, q, row, positions, backend):
         """Write the new keys/values at `positions`, attend -> [B, K, G, d]."""
         B = q.shape[0]
         rows = torch.arange(B, device=q.device)
         self.k[rows, positions], self.v[rows, positions] = row
-        return decode_attention(q, self.k[:B], self.v[:B], positions + 1, self.attn.scaling, splits, backend)
+        return decode_attention(q, self.k[:B], self.v[:B], positions + 1, self.attn.scaling, backend=backend)
 
     def finish(self, out):
         return self.attn.o_proj(out.reshape(out.shape[0], -1).to(self.attn.o_proj.weight.dtype))
@@ -127,7 +127,7 @@ class Engine:
             attention_backend = "triton" if use_triton(self.device) else "torch"
         if attention_backend == "triton":
             kernel()  # build it outside any torch.compile trace
-        self.backend, self.sms = attention_backend, multiprocessors(self.device)
+        self.backend = attention_backend
         self.layers = model.model.layers
         self.caches = [
             (LatentCache if isinstance(layer.self_attn, MLAAttention) else KVCache)(
@@ -211,8 +211,7 @@ class Engine:
         for layer, cache in zip(self.layers, self.caches):
             cos, sin = (m_cos, m_sin) if isinstance(cache, LatentCache) else (g_cos, g_sin)
             q, row = self._pre(cache, layer, h, cos, sin)
-            splits = default_num_splits(B, cache.kv_heads, self.sms, cache.layout)
-            o = cache.attend(q, row, positions, self.backend, splits)
+            o = cache.attend(q, row, positions, self.backend)  # splits: decode_attention's default per layout
             h = self._post(cache, layer, h, o)
         return _at_least_fp32(self.model.lm_head(self.model.model.norm(h)))
 

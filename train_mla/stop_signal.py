@@ -35,7 +35,8 @@ class StopOnSignal(TrainerCallback):
 
     def _anyone_received(self, args) -> bool:
         flag = self.received is not None
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if (torch.distributed.is_available() and torch.distributed.is_initialized()
+                and torch.distributed.get_world_size() > 1):  # one process: no collective, no host sync per step
             t = torch.tensor([float(flag)], device=args.device)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
             flag = bool(t.item())
