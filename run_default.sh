@@ -96,6 +96,7 @@ finish() { wait "${running[0]%%:*}" || { failed+=("${running[0]#*:}"); tail -5 "
            running=("${running[@]:1}"); }
 evaluate() {  # model
   if [ -f "$OUT/eval/$1/results.json" ]; then stamp "eval $1: already scored"; return; fi
+  for job in "${running[@]}"; do [ "${job#*:}" != "$1" ] || return 0; done  # being scored now (started beside DPO)
   while [ ${#running[@]} -ge "$jobs" ]; do finish; done
   stamp "eval $1 (log: $OUT/eval/$1/eval.log)"
   bash eval.sh "$(ckpt $1)" --tasks "$tasks" "${EV[@]}" --output "$OUT/eval/$1" > /dev/null 2>&1 &

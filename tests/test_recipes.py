@@ -186,3 +186,15 @@ def test_bad_dataset_files_are_named_with_the_row(tmp_path):
         mix_datasets({str(rows): 1.0}, ["train"], columns=("messages", "text"))
     with pytest.raises(FileNotFoundError, match=r"python -m train_mla\.sharegpt --output_dir .*data/sharegpt`"):
         mix_datasets({str(tmp_path / "data/sharegpt/chat_train.jsonl"): 1.0}, ["train"], columns=("messages", "text"))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the fallback is for machines without a GPU")
+def test_flex_attention_recipes_train_through_sdpa_without_a_gpu():
+    from train_mla.recipe import fit_attention_to_machine
+
+    model_args = parse_recipe(DISTILL, [str(REPO / "smollm2_135M/mla_kv_rank_80_rope_16.yaml"),
+                                        "--output_dir", "unused", "--bf16", "false"])[0]
+    assert model_args.attn_implementation == "flex_attention"  # the recipe's GPU setting
+    note = fit_attention_to_machine(model_args)
+    assert model_args.attn_implementation == "sdpa" and "flex_attention -> sdpa" in note
+    assert fit_attention_to_machine(model_args) is None  # nothing left to change

@@ -379,6 +379,17 @@ def _alive(pid) -> bool:
     return True
 
 
+def fit_attention_to_machine(model_args) -> str | None:
+    """flex_attention has no backward pass on a CPU: without a GPU the same attention runs through SDPA (same document
+    masks, same results). Returns the line that says so, or None when nothing changed."""
+    import torch
+
+    if getattr(model_args, "attn_implementation", None) == "flex_attention" and not torch.cuda.is_available():
+        model_args.attn_implementation = "sdpa"
+        return "No GPU found: attn_implementation flex_attention -> sdpa (flex attention trains only on a GPU)"
+    return None
+
+
 def start_run(types_, argv, description: str):
     """Shared start of the training scripts: parse the recipe (gloo on CPU when distributed), decide where to
     resume, set up logging and the seed. Returns (*dataclasses, checkpoint to resume from or None)."""
@@ -411,6 +422,8 @@ def start_run(types_, argv, description: str):
     if "use_cpu" in defaults and args.use_cpu:
         logging.getLogger("train_mla").info(
             f"No GPU found: training on the CPU (use_cpu: true), {'bf16 autocast' if args.bf16 else 'float32'} compute")
+    for note in filter(None, map(fit_attention_to_machine, parsed[:-1])):
+        logging.getLogger("train_mla").info(note)
     return (*parsed, checkpoint)
 
 

@@ -363,7 +363,7 @@ class UpcycleOutput:
 
 def main(argv=None):
     from .model_loading import ModelNotFoundError, dtype_of, load_causal_lm, load_tokenizer
-    from .recipe import RecipeError, parse_recipe, refuse_existing_output
+    from .recipe import RecipeError, fit_attention_to_machine, parse_recipe, refuse_existing_output
 
     try:
         model_args, mla, out_args = parse_recipe(
@@ -374,6 +374,8 @@ def main(argv=None):
         if not out_args.output:
             raise RecipeError("--output DIR is required")
         refuse_existing_output(out_args.output, overwrite=False)
+        if note := fit_attention_to_machine(model_args):
+            print(note, flush=True)
         print(f"Loading {model_args.model_name_or_path} ...", flush=True)
         source = load_causal_lm(model_args.model_name_or_path, "float32", model_args.attn_implementation,
                                 model_args.model_revision)
