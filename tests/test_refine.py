@@ -58,3 +58,20 @@ def test_keep_pairs_keeps_the_fastest_frequencies_unless_told_otherwise():
     assert resolve_rope_freq_indices(MLAArguments(qk_rope_head_dim=8)) == [0, 1, 2, 3]
     assert resolve_rope_freq_indices(MLAArguments(qk_rope_head_dim=4, rope_freq_indices=[0, 5])) == [0, 5]
     assert resolve_rope_freq_indices(MLAArguments(qk_rope_head_dim=8, rope_init="xecomla")) is None
+
+
+@pytest.mark.parametrize("impl", ["eager", "flex_attention"])
+def test_refinement_fits_causal_attention_whatever_the_attention_implementation(tiny, impl):
+    # a layer called on its own gets no mask: the fit must still be the causal one SDPA computes (flex and eager
+    # attention attend to the whole block without a mask; flex also has no backward pass on a CPU)
+    src, tok, root = tiny
+    ref = upcycle(src, _args(root, refine_steps=10), log=lambda *_: None, tokenizer=tok)
+    was = src.config._attn_implementation
+    src.config._attn_implementation = impl
+    try:
+        other = upcycle(src, _args(root, refine_steps=10), log=lambda *_: None, tokenizer=tok)
+    finally:
+        src.config._attn_implementation = was
+    assert other.config._attn_implementation == impl
+    for (name, a), b in zip(ref.state_dict().items(), other.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (name, (a - b).abs().max().item(), a.abs().max().item())

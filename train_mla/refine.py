@@ -8,6 +8,7 @@ Layers are independent (no end-to-end backward), so it costs a few seconds per l
 deterministic on CPU (fixed data, fixed sample order).
 """
 
+import contextlib
 import math
 
 import torch
@@ -18,10 +19,30 @@ def relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (out - target).pow(2).sum() / target.pow(2).sum().clamp_min(1e-30)
 
 
+@contextlib.contextmanager
+def causal_sdpa(*modules):
+    """Attention layers called on their own get no mask: SDPA is then causal, but flex and eager attention would
+    let every token see the whole block. Inside this block the modules' configs say SDPA (the same attention)."""
+    configs = list({id(m.config): m.config for m in modules}.values())
+    was = [c._attn_implementation for c in configs]
+    for c in configs:
+        c._attn_implementation = "sdpa"
+    try:
+        yield
+    finally:
+        for c, impl in zip(configs, was):
+            c._attn_implementation = impl
+
+
 def refine_layer(source_attn, mla_attn, x: torch.Tensor, rotary_emb, steps: int, lr: float, batch_size: int,
                  seed: int) -> tuple[float, float]:
     """Train `mla_attn` (in place) so that mla_attn(x) ~ source_attn(x) on x [N, S, D]; returns the relative
     error before and after, measured on all of x. `rotary_emb` gives the source layer its cos/sin."""
+    with causal_sdpa(source_attn, mla_attn):
+        return _refine_layer(source_attn, mla_attn, x, rotary_emb, steps, lr, batch_size, seed)
+
+
+def _refine_layer(source_attn, mla_attn, x, rotary_emb, steps, lr, batch_size, seed):
     N, S, _ = x.shape
     device = next(mla_attn.parameters()).device
     positions = torch.arange(S, device=device)[None]
