@@ -155,7 +155,7 @@ if [ "$gpu" = 1 ] && [ "$quick" != 1 ]; then
   stamp "quality against training tokens: $OUT/stage1_curve.png"
 else
   echo; echo "[run_default] For comparison, what a GPU run of this script gave (one H200, docs/results.md):"
-  sed -n '3,6p' docs/results_smollm2_25pct_h200/summary.md
+  sed -n '3,7p' docs/results_smollm2_long_h200/summary.md
 fi
 stamp "done: $OUT/summary.md, $OUT/summary.png (disk used: $(du -sh "$OUT" | cut -f1))"
 [ ${#failed[@]} -eq 0 ]
