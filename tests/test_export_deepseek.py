@@ -49,15 +49,20 @@ def _mla(src, **kw):
     return m
 
 
-@pytest.mark.parametrize("rope_init, rope", [("keep_pairs", None), ("xecomla", None), ("keep_pairs", "llama3")])
-def test_stock_deepseek_v3_reproduces_the_mla_model(rope_init, rope, tmp_path):
+@pytest.mark.parametrize("rope_init, rope, freqs, exported_rope", [
+    ("keep_pairs", None, None, "default"), ("xecomla", None, None, "default"),
+    ("keep_pairs", "llama3", [0, 1, 2, 3], "default"),  # llama3 leaves the four fastest frequencies unscaled
+    ("keep_pairs", "llama3", [0, 2, 4, 6], "llama3"),  # every 2nd one: the slower ones are scaled, exported as such
+])
+def test_stock_deepseek_v3_reproduces_the_mla_model(rope_init, rope, freqs, exported_rope, tmp_path):
     src = tiny_llama(tie_word_embeddings=True, **({"rope_parameters": LLAMA3} if rope else {}))
-    extra = {"rope_freq_indices": [0, 1, 2, 3]} if rope else {}  # llama3 leaves these four frequencies unscaled
-    model = _mla(src, rope_init=rope_init, **extra)
+    model = _mla(src, rope_init=rope_init, **({"rope_freq_indices": freqs} if freqs else {}))
     export(model, None, tmp_path / "ds")
     import json
 
-    assert json.loads((tmp_path / "ds" / "config.json").read_text())["rope_interleave"] is True  # engines' convention
+    config = json.loads((tmp_path / "ds" / "config.json").read_text())
+    assert config["rope_interleave"] is True  # engines' convention
+    assert config["rope_parameters"]["rope_type"] == exported_rope
     x = torch.randint(3, 97, (2, 24))
     out = _stock_run(tmp_path / "ds", x, tmp_path)
     with torch.no_grad():
@@ -77,8 +82,11 @@ def test_unrepresentable_settings_are_refused_with_the_fix():
             deepseek_config(_mla(src, **{"use_lora_layer_norm": True, **kw}).config)
     llama3 = tiny_llama(rope_parameters=LLAMA3)
     deepseek_config(_mla(llama3).config)  # the default keeps the fastest frequencies, which llama3 leaves unscaled
-    with pytest.raises(ExportError, match="rope_freq_indices"):  # every 2nd one includes llama3-scaled frequencies
-        deepseek_config(_mla(llama3, rope_freq_indices=[0, 2, 4, 6]).config)
+    for freqs in ([0, 1, 3, 6], [1, 2, 3, 4]):  # not 0, k, 2k, ...: no theta gives these
+        with pytest.raises(ExportError, match="rope_freq_indices"):
+            deepseek_config(_mla(llama3, rope_freq_indices=freqs).config)
+        with pytest.raises(ExportError, match="rope_freq_indices"):
+            deepseek_config(_mla(src, rope_freq_indices=freqs).config)
     with pytest.raises(ExportError, match="biases"):
         cfg = _mla(src).config
         cfg.mlp_bias = True
@@ -133,3 +141,24 @@ def test_engine_shape_warnings(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="train_mla"):
         export(model, None, tmp_path / "ds")
     assert any("kv_lora_rank 12 + qk_rope_head_dim 8" in r.getMessage() for r in caplog.records)
+
+
+def test_the_llama3_engine_recipe_exports_to_deepseek_widths_with_llama3_rope():
+    # config only (no 3B weights): the recipe's RoPE key is expressible and every engine takes its widths
+    from transformers import LlamaConfig
+
+    from train_mla.arguments import DataArguments, DistillConfig, ModelArguments
+    from train_mla.export_deepseek import engine_warnings
+    from train_mla.recipe import parse_recipe
+    from train_mla.upcycle import build_config
+
+    recipe = REPO / "llama3.2_3B/mla_kv_rank_512_rope_64_8bt_engines.yaml"
+    _, mla, *_ = parse_recipe((ModelArguments, MLAArguments, DataArguments, DistillConfig), [str(recipe), "--output_dir", "unused", "--bf16", "false"])
+    llama_3b = LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                           num_attention_heads=24, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+                           tie_word_embeddings=True, rope_parameters={**LLAMA3, "rope_theta": 500000.0})
+    cfg = build_config(llama_3b, mla, rope_freq_indices=mla.rope_freq_indices)
+    ds = deepseek_config(cfg)
+    assert ds.rope_parameters["rope_type"] == "llama3" and ds.rope_parameters["rope_theta"] == pytest.approx(500000.0)
+    assert ds.kv_lora_rank + ds.qk_rope_head_dim == 576
+    assert engine_warnings(ds.kv_lora_rank, ds.qk_rope_head_dim, ds.q_lora_rank, ds.num_hidden_layers) == []

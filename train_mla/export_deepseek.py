@@ -5,8 +5,8 @@
 The result loads in unmodified transformers (and engines that read DeepSeek-V3 checkpoints) with the same
 logits. RoPE rows are written in DeepSeek's interleaved order (`rope_interleave: true`), the convention llama.cpp and
 vLLM assume for DeepSeek models. What DeepSeek-V3 cannot represent exactly is refused, with the recipe setting that makes it exportable:
-latents without RMSNorm, per-layer ranks, hybrid GQA layers, biases, and a RoPE key whose frequencies are not a
-geometric series theta^(-2j/d_rope) (e.g. Llama-3's `llama3` scaling of the kept frequencies).
+latents without RMSNorm, per-layer ranks, hybrid GQA layers, biases, and a RoPE key whose frequencies DeepSeek-V3's
+rope_parameters cannot give (plain RoPE theta^(-2j/d_rope), or Llama-3's `llama3` scaling of such a series).
 """
 
 import argparse
@@ -23,26 +23,48 @@ class ExportError(ValueError):
     pass
 
 
-def rope_theta_for_export(cfg: LlamaMLAConfig) -> float:
-    """The DeepSeek rope_theta reproducing the MLA key's frequencies exactly, or ExportError."""
+def _deepseek_inv_freq(params: dict, cfg: LlamaMLAConfig) -> tuple[torch.Tensor, float]:
+    """The inverse frequencies and attention scaling stock transformers' DeepSeek-V3 computes from `params`."""
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
+
+    ds = DeepseekV3Config(num_hidden_layers=1, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
+                          qk_rope_head_dim=cfg.qk_rope_head_dim, qk_nope_head_dim=cfg.qk_nope_head_dim,
+                          v_head_dim=cfg.v_head_dim, max_position_embeddings=cfg.max_position_embeddings,
+                          rope_parameters=dict(params))
+    rotary = DeepseekV3RotaryEmbedding(ds)
+    return rotary.inv_freq, float(rotary.attention_scaling)
+
+
+def rope_parameters_for_export(cfg: LlamaMLAConfig) -> dict:
+    """DeepSeek-V3 rope_parameters reproducing the MLA key's frequencies exactly, or ExportError.
+
+    With rope_freq_indices 0, k, 2k, ... the kept source frequencies base^(-2kj/head_dim) are the series
+    theta^(-2j/d_rope) of theta = base^(k d_rope/head_dim): plain RoPE when the source's scaling leaves them unchanged
+    (preferred: every engine reads it), else, for Llama-3's `llama3` scaling, which changes a frequency by its
+    wavelength alone, the same scaling over that series. Each candidate is checked against the frequencies stock
+    transformers computes from it."""
     from .mla_attention import MLARotaryEmbedding
 
     inv_freq, scaling = MLARotaryEmbedding.compute_inv_freq(cfg)
-    inv = inv_freq.double()
-    half = inv.numel()
-    idx = list(cfg.rope_freq_indices)
+    idx, half = list(cfg.rope_freq_indices), inv_freq.numel()
     step = idx[1] - idx[0] if half > 1 else 1
-    # exact in float64: the kept source frequencies base^(-2*step*j/head_dim) = theta^(-2j/d_rope)
-    theta = float(cfg.rope_parameters["rope_theta"]) ** (step * 2 * half / cfg.head_dim)
-    geometric = 1.0 / theta ** (torch.arange(0, 2 * half, 2, dtype=torch.float64) / (2 * half))
-    if scaling != 1.0 or abs(inv[0].item() - 1.0) > 1e-6 or not torch.allclose(inv, geometric, rtol=1e-5, atol=0):
-        raise ExportError(
-            f"the MLA RoPE key uses frequencies {inv[:4].tolist()}... (rope_type "
-            f"{cfg.rope_parameters.get('rope_type')}, rope_freq_indices {cfg.rope_freq_indices}), which are not "
-            "theta^(-2j/qk_rope_head_dim) for any theta: DeepSeek-V3 cannot express them. Choose rope_freq_indices "
-            "0, k, 2k, ... among frequencies the source's rope scaling leaves unchanged (for Llama-3.x, e.g. "
-            "qk_rope_head_dim: 16 with rope_freq_indices [0..7]; see llama3.2_1B/mla_kv_rank_64_8bt_exportable.yaml).")
-    return theta
+    src = cfg.rope_parameters
+    theta = float(src["rope_theta"]) ** (step * 2 * half / cfg.head_dim)
+    candidates = [{"rope_type": "default", "rope_theta": theta}]
+    if src.get("rope_type") == "llama3":
+        keep = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        candidates.append({"rope_type": "llama3", "rope_theta": theta, **{k: src[k] for k in keep}})
+    if idx == list(range(0, step * half, step)) and step > 0:
+        for params in candidates:
+            got, got_scaling = _deepseek_inv_freq(params, cfg)
+            if abs(got_scaling - scaling) < 1e-6 and torch.allclose(got.double(), inv_freq.double(), rtol=1e-5, atol=0):
+                return params
+    raise ExportError(
+        f"the MLA RoPE key uses frequencies {inv_freq[:4].tolist()}... (rope_type {src.get('rope_type')}, "
+        f"rope_freq_indices {cfg.rope_freq_indices}), which DeepSeek-V3 cannot express: choose rope_freq_indices "
+        "0, k, 2k, ... (e.g. null, the fastest ones, or every 2nd one of a llama3-scaled source; see "
+        "llama3.2_3B/mla_kv_rank_512_rope_64_8bt_engines.yaml).")
 
 
 def deepseek_config(cfg: LlamaMLAConfig):
@@ -63,13 +85,13 @@ def deepseek_config(cfg: LlamaMLAConfig):
     if cfg.attention_bias or cfg.mlp_bias:
         raise ExportError("attention_bias / mlp_bias: DeepSeek-V3 projections have no biases.")
     (q_rank, kv_rank), = ranks
-    theta = rope_theta_for_export(cfg)
+    rope = rope_parameters_for_export(cfg)
     return DeepseekV3Config(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=L, num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_attention_heads,
         q_lora_rank=q_rank, kv_lora_rank=kv_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
         qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, rope_interleave=cfg.rope_interleave,
-        rope_parameters={"rope_type": "default", "rope_theta": theta}, first_k_dense_replace=L,
+        rope_parameters=rope, first_k_dense_replace=L,
         hidden_act=cfg.hidden_act, max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
         tie_word_embeddings=False, attention_bias=False, attention_dropout=cfg.attention_dropout,
         bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
