@@ -144,7 +144,8 @@ def test_engine_shape_warnings(tmp_path, caplog):
 
 
 def test_the_llama3_engine_recipe_exports_to_deepseek_widths_with_llama3_rope():
-    # config only (no 3B weights): the recipe's RoPE key is expressible and every engine takes its widths
+    # config only (no 3B weights): the recipe's RoPE key is expressible, every engine takes its widths, and the
+    # exporter warns about vLLM's handling of llama3 RoPE
     from transformers import LlamaConfig
 
     from train_mla.arguments import DataArguments, DistillConfig, ModelArguments
@@ -161,4 +162,6 @@ def test_the_llama3_engine_recipe_exports_to_deepseek_widths_with_llama3_rope():
     ds = deepseek_config(cfg)
     assert ds.rope_parameters["rope_type"] == "llama3" and ds.rope_parameters["rope_theta"] == pytest.approx(500000.0)
     assert ds.kv_lora_rank + ds.qk_rope_head_dim == 576
-    assert engine_warnings(ds.kv_lora_rank, ds.qk_rope_head_dim, ds.q_lora_rank, ds.num_hidden_layers) == []
+    assert engine_warnings(ds.kv_lora_rank, ds.qk_rope_head_dim, ds.q_lora_rank, ds.num_hidden_layers) == []  # widths
+    rope = engine_warnings(ds.kv_lora_rank, ds.qk_rope_head_dim, ds.q_lora_rank, ds.num_hidden_layers, "llama3")
+    assert len(rope) == 1 and rope[0].startswith("vLLM 0.32") and "llama3" in rope[0]  # measured: docs/deploy.md

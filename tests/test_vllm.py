@@ -26,7 +26,8 @@ pytestmark = pytest.mark.skipif(not _has_vllm(), reason="needs VLLM_PYTHON, an i
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 
-@pytest.mark.parametrize("rope", ["default", "llama3"])
+@pytest.mark.parametrize("rope", ["default", pytest.param("llama3", marks=pytest.mark.xfail(
+    strict=True, reason="vLLM 0.32 (CPU) mis-computes rope_type llama3 in DeepSeek-V3 (docs/deploy.md): 7.6 nats off"))])
 def test_vllm_matches_transformers_in_the_576_layout(tmp_path, rope):
     import vllm_check
 

@@ -114,11 +114,15 @@ LLAMA_CPP_NO_Q_LORA_LAYERS = (26, 27)  # llama.cpp's deepseek2 loader treats onl
 
 
 def engine_warnings(kv_lora_rank: int, qk_rope_head_dim: int, q_lora_rank: int | None = None,
-                    num_layers: int | None = None) -> list[str]:
-    """One line per serving engine that will refuse this layout: MLA kernels with fixed widths, and (given
-    num_layers) llama.cpp, any widths, when the query is full rank (q_lora_rank None), which its loader accepts only
-    at DeepSeek-V2-Lite's depths."""
+                    num_layers: int | None = None, rope_type: str = "default") -> list[str]:
+    """One line per serving engine that will refuse this layout: MLA kernels with fixed widths, (given num_layers)
+    llama.cpp, any widths, when the query is full rank (q_lora_rank None), which its loader accepts only at
+    DeepSeek-V2-Lite's depths; and vLLM, which was measured to mis-compute a llama3-scaled RoPE key."""
     out = []
+    if rope_type == "llama3":
+        out.append("vLLM 0.32 (CPU backend, benchmarks/vllm_check.py --rope llama3) computes wrong log-probabilities for "
+                   "a DeepSeek-V3 export with rope_type llama3 (up to 7.6 nats off on a tiny model, where the same model "
+                   "with plain RoPE matches to 4e-5); its GPU path and llama.cpp were not checked with it")
     if num_layers is not None and q_lora_rank is None and num_layers not in LLAMA_CPP_NO_Q_LORA_LAYERS:
         out.append("llama.cpp (llama-cpp-python 0.3.36) will refuse a full-rank query (q_lora_rank null) at "
                    f"{num_layers} layers: its deepseek2 loader requires deepseek2.attention.q_lora_rank unless the "
@@ -173,7 +177,8 @@ def export(model, tokenizer, out_dir: str | Path) -> Path:
         model.generation_config.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    for line in engine_warnings(ds_cfg.kv_lora_rank, ds_cfg.qk_rope_head_dim, ds_cfg.q_lora_rank, ds_cfg.num_hidden_layers):
+    for line in engine_warnings(ds_cfg.kv_lora_rank, ds_cfg.qk_rope_head_dim, ds_cfg.q_lora_rank, ds_cfg.num_hidden_layers,
+                                ds_cfg.rope_parameters.get("rope_type", "default")):
         logging.getLogger("train_mla").warning(f"{out}: {line} (transformers runs it; docs/deploy.md)")
     return out
 
