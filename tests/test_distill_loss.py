@@ -1,4 +1,11 @@
-"""The chunked distillation loss equals a plain full-logit computation, in value and gradient."""
+"""The chunked distillation loss, and liger-kernel's fused one, equal a plain full-logit computation, in value and
+gradient."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,3 +74,45 @@ def test_identical_models_have_zero_kl():
     s_hidden, _, s_head, _, labels = _setup()
     loss, stats = distill_loss(s_hidden, s_hidden.detach(), s_head, s_head, labels, chunk_size=7)
     assert abs(loss.item()) < 1e-12 and abs(stats["kl"].item()) < 1e-12
+
+
+_FUSED_CHECK = r"""
+import sys
+sys.path.insert(0, {tests!r}); sys.path.insert(0, {repo!r})
+import torch
+from test_distill_loss import _reference, _setup
+from train_mla.distill_loss import fused_distill_loss
+worst = 0.0
+for kl_weight, T in ((1.0, 1.0), (0.7, 2.0)):
+    s_hidden, t_hidden, s_head, t_head, labels = (x.float() if torch.is_tensor(x) and x.is_floating_point() else x
+                                                  for x in _setup())
+    s_head, t_head = s_head.float(), t_head.float()
+    s_hidden = s_hidden.detach().requires_grad_(True)
+    ref = _reference(s_hidden, t_hidden, s_head, t_head, labels, kl_weight, 0.0, T)
+    g_ref = torch.autograd.grad(ref, [s_hidden, s_head.weight])
+    loss, stats = fused_distill_loss(s_hidden, t_hidden, s_head, t_head, labels, kl_weight=kl_weight, temperature=T)
+    g = torch.autograd.grad(loss, [s_hidden, s_head.weight])
+    assert stats["tokens"] == int((labels != -100).sum()) and stats["ce_tokens"] == 0
+    worst = max(worst, abs(loss.item() - ref.item()) / abs(ref.item()),
+                *((a - b).abs().max().item() / b.abs().max().item() for a, b in zip(g, g_ref)))
+print("worst relative difference", worst)
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel is not installed")
+def test_liger_fused_loss_equals_the_reference_kl_value_and_gradient():
+    # liger's kernels run under Triton's CPU interpreter; TRITON_INTERPRET must be set before triton is imported
+    tests = Path(__file__).parent
+    run = subprocess.run([sys.executable, "-c", _FUSED_CHECK.format(repo=str(tests.parent), tests=str(tests))],
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert float(run.stdout.split()[-1]) < 1e-4, run.stdout
+
+
+def test_liger_loss_settings_are_checked():
+    from train_mla.arguments import DistillConfig
+
+    with pytest.raises(ValueError, match="ce_weight: 0"):
+        DistillConfig(output_dir="unused", loss_implementation="liger", ce_weight=0.5, use_cpu=True)
+    with pytest.raises(ValueError, match="chunked, liger"):
+        DistillConfig(output_dir="unused", loss_implementation="fused", use_cpu=True)

@@ -1,8 +1,14 @@
 """DistillTrainer on tiny models, in process: the student's forward runs under the Trainer's bf16 autocast (its
 weights stay fp32), the optimizer updates fp32 weights, and evaluation reports the student's perplexity."""
 
+import importlib.util
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import tiny_llama
@@ -50,3 +56,33 @@ def test_evaluation_logs_the_student_perplexity(tmp_path):
         h = student.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).last_hidden_state
         _, stats = distill_loss(h, h, student.lm_head, student.lm_head, batch["labels"])
     assert abs(metrics["eval_ce"] - stats["ce"].item()) < 1e-3
+
+
+_LIGER_TRAINING = r"""
+import sys, tempfile
+sys.path.insert(0, {tests!r}); sys.path.insert(0, {repo!r})
+import torch
+from pathlib import Path
+from test_distill_trainer import _trainer
+updates = {{}}
+for impl in ("chunked", "liger"):
+    trainer, student = _trainer(Path(tempfile.mkdtemp()), bf16=False, loss_implementation=impl, optim="sgd")
+    before = {{n: p.detach().clone() for n, p in student.named_parameters()}}
+    trainer.train()
+    updates[impl] = {{n: p.detach() - before[n] for n, p in student.named_parameters()}}
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
+diff = sum((updates["liger"][n] - u).pow(2).sum() for n, u in updates["chunked"].items()).sqrt()
+print("relative update difference", (diff / sum(u.pow(2).sum() for u in updates["chunked"].values()).sqrt()).item())
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel is not installed")
+def test_liger_loss_trains_the_student_as_the_chunked_loss_does():
+    # two SGD steps through the Trainer (tied head included): the same weight updates with either loss, over all
+    # weights (SGD: an update is the gradient, where Adam would magnify rounding in near-zero gradients; an update of
+    # a weight near 1 is itself only resolved to fp32's 1.2e-7)
+    tests = Path(__file__).parent
+    run = subprocess.run([sys.executable, "-c", _LIGER_TRAINING.format(repo=str(tests.parent), tests=str(tests))],
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert float(run.stdout.split()[-1]) < 1e-4, run.stdout

@@ -140,6 +140,10 @@ class DistillConfig(TrainingArguments):
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KL term (scaled by T^2)."})
     loss_chunk_size: int = field(default=1024, metadata={
         "help": "Tokens per chunk when computing logits and loss, so full [tokens, vocab] tensors never exist."})
+    loss_implementation: str = field(default="chunked", metadata={
+        "help": "Training loss: chunked (distill_loss: chunks of loss_chunk_size under activation checkpointing) or "
+                "liger (liger-kernel's fused linear JSD at beta 0 = the same KL; needs `pip install liger-kernel`, "
+                "ce_weight 0, no ZeRO-3). Evaluation always uses chunked (it also gives the CE and perplexity)."})
     freeze_non_mla: bool = field(default=False, metadata={"help": "Train only the MLA attention projections."})
     compile_layers: bool | None = field(default=None, metadata={
         "help": "torch.compile every decoder layer of the student and the teacher (null = on when training on a GPU). "
@@ -160,6 +164,16 @@ class DistillConfig(TrainingArguments):
             raise ValueError(f"temperature={self.temperature}: must be > 0")
         if self.loss_chunk_size < 1:
             raise ValueError(f"loss_chunk_size={self.loss_chunk_size}: must be >= 1")
+        if self.loss_implementation not in ("chunked", "liger"):
+            raise ValueError(f"loss_implementation={self.loss_implementation!r}: allowed values are chunked, liger")
+        if self.loss_implementation == "liger":
+            import importlib.util
+
+            if self.ce_weight:
+                raise ValueError(f"loss_implementation: liger computes the KL term only: set ce_weight: 0 (it is "
+                                 f"{self.ce_weight}) or use loss_implementation: chunked")
+            if importlib.util.find_spec("liger_kernel") is None:
+                raise ValueError("loss_implementation: liger needs liger-kernel: pip install liger-kernel")
         if self.torch_compile:
             raise ValueError("torch_compile: true compiles the model's forward, which distillation never calls (it runs "
                              "the decoder and a chunked loss): use compile_layers: true")

@@ -3,7 +3,8 @@
 Both terms are averaged over real tokens only (labels != -100; padding never counts). Logits are computed in
 chunks of `chunk_size` tokens under activation checkpointing, so with a 128k vocabulary no full
 [tokens, vocab] fp32 tensor exists for either model: only one chunk's logits live at a time, in the forward
-and again in the backward.
+and again in the backward. `fused_distill_loss` is the same KL term through liger-kernel's fused linear JSD
+(`loss_implementation: liger`), which computes the head's gradients in its forward instead of recomputing the logits.
 """
 
 import torch
@@ -65,3 +66,23 @@ def distill_loss(student_hidden, teacher_hidden, student_head, teacher_head, lab
     loss = kl_weight * temperature**2 * kl_mean + ce_weight * ce_mean
     stats = {"kl": kl_mean.detach(), "ce": ce_mean.detach(), "tokens": n_kl, "ce_tokens": n_ce}
     return loss, stats
+
+
+def fused_distill_loss(student_hidden, teacher_hidden, student_head, teacher_head, labels, *, kl_weight=1.0,
+                       temperature=1.0):
+    """distill_loss's KL term (ce_weight 0) through liger-kernel's LigerFusedLinearJSD: beta 0 is KL(teacher ||
+    student), averaged over the rows it gets, here the positions holding a real token; logits at temperature T, the
+    loss scaled by T^2 as above. For training (the heads' weights get their gradients from its own backward); stats as
+    distill_loss's, without CE (nan, ce_tokens 0). The heads are used through their weights: not under ZeRO-3."""
+    from liger_kernel.transformers import LigerFusedLinearJSD
+
+    B, L, _ = student_hidden.shape
+    idx = (labels != -100).reshape(-1).nonzero().squeeze(1)  # positions that count
+    if idx.numel() == 0:
+        zero = student_hidden.sum() * 0.0
+        return zero, {"kl": zero.detach(), "ce": torch.tensor(float("nan")), "tokens": 0, "ce_tokens": 0}
+    s = student_hidden.reshape(B * L, -1)[idx]  # [N, D]
+    t = teacher_hidden.reshape(B * L, -1)[idx]  # [N, D_t]
+    kl = LigerFusedLinearJSD(jsd_beta=0.0, temperature=temperature)(s, student_head.weight, t, teacher_head.weight, None)
+    loss = kl_weight * temperature**2 * kl
+    return loss, {"kl": kl.detach(), "ce": torch.tensor(float("nan")), "tokens": idx.numel(), "ce_tokens": 0}

@@ -15,7 +15,7 @@ import torch
 from accelerate.utils import DistributedType
 from transformers import Trainer
 
-from .distill_loss import distill_loss
+from .distill_loss import distill_loss, fused_distill_loss
 
 logger = logging.getLogger("train_mla")
 
@@ -49,6 +49,10 @@ class DistillTrainer(Trainer):
         else:
             teacher = teacher.to(self.args.device)
         self.teacher = teacher
+        if self.args.loss_implementation == "liger" and self.is_deepspeed_enabled and \
+                self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            raise ValueError("loss_implementation: liger reads the heads' weights directly, which ZeRO-3 partitions: "
+                             "use --zero_stage 2 (one GPU, or a student that fits each GPU) or loss_implementation: chunked")
         if self.args.compile_layers:
             if self.is_deepspeed_enabled:
                 import deepspeed
@@ -91,11 +95,15 @@ class DistillTrainer(Trainer):
             t_hidden = None
         with self.accelerator.autocast():  # the inner model bypasses the forward that accelerate wraps in autocast
             s_hidden = student.model(**forward, use_cache=False).last_hidden_state  # [B, L, D]
-        loss, stats = distill_loss(
-            s_hidden, t_hidden if t_hidden is not None else s_hidden.detach(), student.lm_head, teacher.lm_head,
-            inputs["labels"], kl_weight=args.kl_weight, ce_weight=args.ce_weight, temperature=args.temperature,
-            chunk_size=args.loss_chunk_size,
-        )
+        if args.loss_implementation == "liger" and model.training and torch.is_grad_enabled():
+            loss, stats = fused_distill_loss(s_hidden, t_hidden, student.lm_head, teacher.lm_head, inputs["labels"],
+                                             kl_weight=args.kl_weight, temperature=args.temperature)
+        else:
+            loss, stats = distill_loss(
+                s_hidden, t_hidden if t_hidden is not None else s_hidden.detach(), student.lm_head, teacher.lm_head,
+                inputs["labels"], kl_weight=args.kl_weight, ce_weight=args.ce_weight, temperature=args.temperature,
+                chunk_size=args.loss_chunk_size,
+            )
         # training logs the mean of the per-step means; evaluation the mean over all of its tokens
         w, k_w, c_w = (self._window, 1, 1) if model.training else (self._eval_window, stats["tokens"], stats["ce_tokens"])
         w["kl"] += float(stats["kl"]) * k_w
@@ -116,7 +124,8 @@ class DistillTrainer(Trainer):
             now = time.perf_counter()
             kl, ce, n, tokens, _ = self._reduced(self._window)
             logs["kl"] = round(kl / n, 5)
-            logs["ce"] = round(ce / n, 5)
+            if not math.isnan(ce):  # loss_implementation: liger computes no CE
+                logs["ce"] = round(ce / n, 5)
             logs["tokens_per_second_per_device"] = round(tokens / self.accelerator.num_processes /
                                                          (now - self._window["t0"]), 1)
             self._window = self._new_window()
