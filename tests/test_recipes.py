@@ -198,3 +198,7 @@ def test_flex_attention_recipes_train_through_sdpa_without_a_gpu():
     note = fit_attention_to_machine(model_args)
     assert model_args.attn_implementation == "sdpa" and "flex_attention -> sdpa" in note
     assert fit_attention_to_machine(model_args) is None  # nothing left to change
+    model_args.attn_implementation = "flex_attention"
+    assert fit_attention_to_machine(model_args, on_gpu=True) is None  # a GPU run keeps it
+    assert model_args.attn_implementation == "flex_attention"
+    assert fit_attention_to_machine(model_args, on_gpu=False) and model_args.attn_implementation == "sdpa"  # use_cpu

@@ -379,14 +379,15 @@ def _alive(pid) -> bool:
     return True
 
 
-def fit_attention_to_machine(model_args) -> str | None:
-    """flex_attention has no backward pass on a CPU: without a GPU the same attention runs through SDPA (same document
-    masks, same results). Returns the line that says so, or None when nothing changed."""
+def fit_attention_to_machine(model_args, on_gpu: bool | None = None) -> str | None:
+    """flex_attention has no backward pass on a CPU: off a GPU (none found, or use_cpu) the same attention runs
+    through SDPA (same document masks, same results). Returns the line that says so, or None when nothing changed."""
     import torch
 
-    if getattr(model_args, "attn_implementation", None) == "flex_attention" and not torch.cuda.is_available():
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    if getattr(model_args, "attn_implementation", None) == "flex_attention" and not on_gpu:
         model_args.attn_implementation = "sdpa"
-        return "No GPU found: attn_implementation flex_attention -> sdpa (flex attention trains only on a GPU)"
+        return "Training on the CPU: attn_implementation flex_attention -> sdpa (flex attention trains only on a GPU)"
     return None
 
 
@@ -422,7 +423,7 @@ def start_run(types_, argv, description: str):
     if "use_cpu" in defaults and args.use_cpu:
         logging.getLogger("train_mla").info(
             f"No GPU found: training on the CPU (use_cpu: true), {'bf16 autocast' if args.bf16 else 'float32'} compute")
-    for note in filter(None, map(fit_attention_to_machine, parsed[:-1])):
+    for note in filter(None, (fit_attention_to_machine(p, gpu and not args.use_cpu) for p in parsed[:-1])):
         logging.getLogger("train_mla").info(note)
     return (*parsed, checkpoint)
 
