@@ -48,6 +48,8 @@ INITS = {  # name -> MLAArguments overrides; "rope_fraction" moves KV budget fro
         init_method="activation", shared_rope_key="pca", kv_balance=True, allocate_kv_rank=True, rank_multiple=4),
     "fastest + activation + pca + kv_balance + refine": dict(init_method="activation", shared_rope_key="pca",
                                                              kv_balance=True, refine_steps=REFINE_STEPS),
+    "fastest + activation + pca + kv_balance + refine, latent norms (exportable)": dict(
+        init_method="activation", shared_rope_key="pca", kv_balance=True, use_lora_layer_norm=True, refine_steps=REFINE_STEPS),
     "fastest + activation + pca + kv_balance + refine, half RoPE key": dict(
         init_method="activation", shared_rope_key="pca", kv_balance=True, refine_steps=REFINE_STEPS, rope_fraction=0.5),
 }
