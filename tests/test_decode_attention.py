@@ -3,14 +3,11 @@ split-KV kernel (run by Triton's CPU interpreter) against the PyTorch path."""
 
 import importlib.util
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import run_under_triton_interpreter
 from train_mla import decode_attention as da
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -94,12 +91,8 @@ print("max abs difference", worst)
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_kernel_matches_reference_and_drives_the_engine_under_the_interpreter():
     # TRITON_INTERPRET must be set before triton is first imported, hence a fresh process
-    tests = Path(__file__).parent
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run([sys.executable, "-c", _KERNEL_CHECK.format(repo=str(tests.parent), tests=str(tests))],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert float(run.stdout.split()[-1]) < 1e-5, run.stdout
+    out = run_under_triton_interpreter(_KERNEL_CHECK)
+    assert float(out.split()[-1]) < 1e-5, out
 
 
 def test_unknown_backend_is_an_error():

@@ -2,15 +2,12 @@
 gradient."""
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import run_under_triton_interpreter
 from train_mla.distill_loss import distill_loss
 
 
@@ -102,11 +99,8 @@ print("worst relative difference", worst)
 @pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel is not installed")
 def test_liger_fused_loss_equals_the_reference_kl_value_and_gradient():
     # liger's kernels run under Triton's CPU interpreter; TRITON_INTERPRET must be set before triton is imported
-    tests = Path(__file__).parent
-    run = subprocess.run([sys.executable, "-c", _FUSED_CHECK.format(repo=str(tests.parent), tests=str(tests))],
-                         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert float(run.stdout.split()[-1]) < 1e-4, run.stdout
+    out = run_under_triton_interpreter(_FUSED_CHECK)
+    assert float(out.split()[-1]) < 1e-4, out
 
 
 def test_liger_loss_settings_are_checked():

@@ -3,15 +3,11 @@ weights stay fp32), the optimizer updates fp32 weights, and evaluation reports t
 
 import importlib.util
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import tiny_llama
+from conftest import run_under_triton_interpreter, tiny_llama
 
 
 def _trainer(tmp_path, bf16: bool, **extra):
@@ -81,8 +77,5 @@ def test_liger_loss_trains_the_student_as_the_chunked_loss_does():
     # two SGD steps through the Trainer (tied head included): the same weight updates with either loss, over all
     # weights (SGD: an update is the gradient, where Adam would magnify rounding in near-zero gradients; an update of
     # a weight near 1 is itself only resolved to fp32's 1.2e-7)
-    tests = Path(__file__).parent
-    run = subprocess.run([sys.executable, "-c", _LIGER_TRAINING.format(repo=str(tests.parent), tests=str(tests))],
-                         env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert float(run.stdout.split()[-1]) < 1e-4, run.stdout
+    out = run_under_triton_interpreter(_LIGER_TRAINING)
+    assert float(out.split()[-1]) < 1e-4, out
