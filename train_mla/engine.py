@@ -253,6 +253,8 @@ class Engine:
         if temperature == 0:
             return logits.argmax(-1)
         probs = (logits / temperature).softmax(-1)
+        if top_p >= 1.0:  # the full distribution: no sort (at batch 1,024 x 49k vocab it costs more than the model)
+            return torch.multinomial(probs, 1, generator=generator)[:, 0]
         sorted_p, order = probs.sort(-1, descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)

@@ -78,7 +78,8 @@ def text_prompts(docs: list[str], tok, prefix_tokens: int, max_prompts: int | No
     """The first `prefix_tokens` tokens of every long-enough document, in a random order."""
     import random
 
-    ids = [x[:prefix_tokens] for x in tok(docs, add_special_tokens=False)["input_ids"] if len(x) >= prefix_tokens]
+    head = [d[: 32 * prefix_tokens] for d in docs]  # 32 characters per token: more than any prefix needs
+    ids = [x[:prefix_tokens] for x in tok(head, add_special_tokens=False)["input_ids"] if len(x) >= prefix_tokens]
     if not ids:
         raise SystemExit(f"error: no document of the prompts files has {prefix_tokens} tokens (--prefix_tokens)")
     random.Random(seed).shuffle(ids)
