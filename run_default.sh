@@ -2,7 +2,8 @@
 # The embedded default run: the whole X-EcoMLA pipeline on the real SmolLM2-135M-Instruct, offline, in one command.
 #   bash run_default.sh [OUTPUT_DIR]        (default: runs/default-<date>; the same folder again continues that run)
 # On a GPU it runs the recovery recipe, smollm2_135M/mla_kv_rank_80_rope_16.yaml (25 % KV), on the README's path:
-#   data (all ShareGPT conversations + ../shared's TinyStories and tinyshakespeare) -> stage 1 through `accelerate
+#   data (all ShareGPT conversations + ../shared's TinyStories and tinyshakespeare + TEACHER_SECONDS, default 240, of
+#   text the original model writes beside the upcycling; 0 = none) -> stage 1 through `accelerate
 #   launch --config_file deepspeed_zero3.yaml --num_processes 1` (STAGE1_STEPS steps of 32 x 2,048 tokens, default
 #   the recipe's 2,300; ZERO_STAGE=2 for one GPU, where ZeRO-3 has nothing to shard, the default) -> DPO -> eval.sh
 #   with the shared tasks on full sets (when ../shared/data is there; the original model is scored beside stage 1,
@@ -18,7 +19,7 @@
 # Stopping and continuing: SIGTERM or Ctrl-C during training saves a checkpoint of the step in progress and stops
 # (exit 143/130); `bash run_default.sh OUTPUT_DIR` again continues that run: finished stages and evaluations are kept,
 # training resumes from its last checkpoint. A folder that another command wrote, or this script with other settings
-# (GPU/CPU, QUICK, STAGE1_STEPS, ZERO_STAGE), is refused before anything runs.
+# (GPU/CPU, QUICK, STAGE1_STEPS, ZERO_STAGE, TEACHER_SECONDS), is refused before anything runs.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")" && pwd); cd "$repo"
 OUT=${1:-runs/default-$(date +%Y%m%d-%H%M%S)}
@@ -185,7 +186,7 @@ if [ "$gpu" = 1 ] && [ "$quick" != 1 ]; then
   stamp "quality against training tokens: $OUT/stage1_curve.png"
 else
   echo; echo "[run_default] For comparison, what a GPU run of this script gave (one H200, docs/results.md):"
-  sed -n '3,7p' docs/results_smollm2_long_h200/summary.md
+  sed -n '3,8p' docs/results_smollm2_teacher_default_h200/summary.md
 fi
 stamp "done: $OUT/summary.md, $OUT/summary.png (disk used: $(du -sh "$OUT" | cut -f1))"
 [ ${#failed[@]} -eq 0 ]

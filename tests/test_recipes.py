@@ -202,3 +202,19 @@ def test_flex_attention_recipes_train_through_sdpa_without_a_gpu():
     assert fit_attention_to_machine(model_args, on_gpu=True) is None  # a GPU run keeps it
     assert model_args.attn_implementation == "flex_attention"
     assert fit_attention_to_machine(model_args, on_gpu=False) and model_args.attn_implementation == "sdpa"  # use_cpu
+
+
+def test_liger_loss_falls_back_to_chunked_off_a_gpu_and_under_zero3():
+    from train_mla.recipe import fit_loss_to_machine
+
+    args = parse_recipe(DISTILL, [str(REPO / "smollm2_135M/mla_kv_rank_80_rope_16.yaml"), "--output_dir", "unused",
+                                  "--bf16", "false", "--use_cpu", "true"])[-1]
+    assert args.loss_implementation == "liger"  # the recipe's GPU setting
+    assert fit_loss_to_machine(args, on_gpu=True, zero_stage=2) is None and args.loss_implementation == "liger"
+    assert fit_loss_to_machine(args, on_gpu=True, zero_stage=None) is None and args.loss_implementation == "liger"
+    note = fit_loss_to_machine(args, on_gpu=True, zero_stage=3)
+    assert args.loss_implementation == "chunked" and "ZeRO-3" in note
+    args.loss_implementation = "liger"
+    note = fit_loss_to_machine(args, on_gpu=False, zero_stage=2)
+    assert args.loss_implementation == "chunked" and "CPU" in note
+    assert fit_loss_to_machine(args, on_gpu=False, zero_stage=2) is None  # nothing left to change

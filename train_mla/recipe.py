@@ -391,6 +391,18 @@ def fit_attention_to_machine(model_args, on_gpu: bool | None = None) -> str | No
     return None
 
 
+def fit_loss_to_machine(args, on_gpu: bool, zero_stage: int | None) -> str | None:
+    """loss_implementation: liger runs Triton kernels on a GPU and reads the heads' whole weights: off a GPU, or under
+    ZeRO-3 (which partitions them), the same KL runs through the chunked loss. Returns the line that says so."""
+    if getattr(args, "loss_implementation", None) != "liger":
+        return None
+    why = "training on the CPU" if not on_gpu else "ZeRO-3 partitions the heads' weights" if zero_stage == 3 else None
+    if why:
+        args.loss_implementation = "chunked"
+        return f"loss_implementation liger -> chunked ({why}; the same KL, liger is the faster one on a GPU)"
+    return None
+
+
 def start_run(types_, argv, description: str):
     """Shared start of the training scripts: parse the recipe (gloo on CPU when distributed), decide where to
     resume, set up logging and the seed. Returns (*dataclasses, checkpoint to resume from or None)."""
@@ -424,6 +436,9 @@ def start_run(types_, argv, description: str):
         logging.getLogger("train_mla").info(
             f"No GPU found: training on the CPU (use_cpu: true), {'bf16 autocast' if args.bf16 else 'float32'} compute")
     for note in filter(None, (fit_attention_to_machine(p, gpu and not args.use_cpu) for p in parsed[:-1])):
+        logging.getLogger("train_mla").info(note)
+    zero_stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")  # set by accelerate launch with a DeepSpeed config
+    if note := fit_loss_to_machine(args, gpu and not args.use_cpu, int(zero_stage) if zero_stage else None):
         logging.getLogger("train_mla").info(note)
     return (*parsed, checkpoint)
 
