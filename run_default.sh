@@ -130,10 +130,10 @@ else
         --max_new_tokens 512 --max_seconds "$TEACHER_S" > "$OUT/teacher_text.log" 2>&1 &
       text_pid=$!
     fi
-    if [ -f "$OUT/stage1/upcycled/kv_cache.json" ] && finished "$OUT/stage1/upcycled"; then stamp "upcycle: already done"
+    if [ -d "$OUT/stage1/upcycled" ]; then stamp "upcycle: already done (stage 1 checks it was made from its settings)"
     else  # the folder stage 1 would write itself (it reuses it when made from the same settings), written whole
       stamp "upcycle (log: $OUT/upcycle.log)"
-      rm -rf "$OUT/stage1/upcycled" "$OUT/stage1/upcycled.tmp"; mkdir -p "$OUT/stage1"
+      rm -rf "$OUT/stage1/upcycled.tmp"; mkdir -p "$OUT/stage1"
       $PY -m train_mla.upcycle $RECIPE "${S1[@]}" --torch_dtype float32 --output "$OUT/stage1/upcycled.tmp" \
         > "$OUT/upcycle.log" 2>&1 || stage_failed "$OUT/upcycle.log"
       mv "$OUT/stage1/upcycled.tmp" "$OUT/stage1/upcycled"
