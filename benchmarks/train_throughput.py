@@ -67,7 +67,8 @@ def main(argv=None):
     p.add_argument("--chunk", type=int, default=4096, help="loss_chunk_size")
     p.add_argument("--loss", choices=["chunked", "liger"], default="chunked", help="loss_implementation")
     p.add_argument("--attn", default="sdpa")
-    p.add_argument("--out", default="docs/benchmarks_train")
+    p.add_argument("--out", default="docs/benchmarks_train_throughput",
+                   help="OUT.json / OUT.md (docs/benchmarks_train.* hold the older component benchmark)")
     a = p.parse_args(argv)
 
     from train_mla.arguments import DistillConfig
@@ -90,8 +91,12 @@ def main(argv=None):
     torch.manual_seed(0)
     s_cfg, t_cfg = config(student_shape, mla), config(teacher_shape)
     s_cfg._attn_implementation = t_cfg._attn_implementation = a.attn
-    student = LlamaMLAForCausalLM(s_cfg)  # float32 master weights
-    teacher = LlamaForCausalLM(t_cfg).to(torch.bfloat16 if gpu else torch.float32)
+    with torch.device("cuda" if gpu else "cpu"):  # random init of an 8B teacher takes minutes on CPU cores
+        student = LlamaMLAForCausalLM(s_cfg)  # float32 master weights
+        teacher = LlamaForCausalLM(t_cfg).to(torch.bfloat16 if gpu else torch.float32)
+    if gpu:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()  # the peak of training, not of the teacher's float32 init
     data = synthetic_data(s_cfg.vocab_size, a.batch * (a.warmup + a.steps), a.seq, a.documents)
     trainer = DistillTrainer(model=student, teacher=teacher, args=args, train_dataset=data,
                              data_collator=PackedCollator(0, with_attention_mask=False, pad_to=a.seq))
