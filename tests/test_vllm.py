@@ -26,8 +26,9 @@ pytestmark = pytest.mark.skipif(not _has_vllm(), reason="needs VLLM_PYTHON, an i
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 
-@pytest.mark.parametrize("rope", ["default", pytest.param("llama3", marks=pytest.mark.xfail(
-    strict=True, reason="vLLM 0.32 (CPU) mis-computes rope_type llama3 in DeepSeek-V3 (docs/deploy.md): 7.6 nats off"))])
+@pytest.mark.parametrize("rope", ["default", "llama3_yarn", pytest.param("llama3", marks=pytest.mark.xfail(
+    strict=True, reason="vLLM 0.32 turns rope_type llama3 into DeepSeek-YaRN in DeepSeek-V3 (docs/deploy.md): 7.6 nats "
+                        "off; rope_key_scaling deepseek_yarn (llama3_yarn) is the export it computes"))])
 def test_vllm_matches_transformers_in_the_576_layout(tmp_path, rope):
     import vllm_check
 
@@ -39,7 +40,10 @@ def test_vllm_matches_transformers_in_the_576_layout(tmp_path, rope):
     assert r["mean_generated_logprob_transformers"] < -0.1  # the predictions are not one-hot
     c = r["native_rope"]
     assert c["greedy_equal"], c
-    assert c["max_abs_prompt_logprob_diff"] < 1e-3 and c["max_abs_generated_logprob_diff"] < 1e-2, c
-    if rope == "llama3":  # the scaling is exported and read: dropping it would move the prompt log-probabilities
-        assert r["rope"]["rope_type"] == "llama3", r["rope"]
+    # prefill agrees to ~4e-5; vLLM's absorbed decode differs from transformers' naive one on a rare token (measured:
+    # one of 64 at 6e-3 with plain RoPE, 4e-2 with YaRN, all others within 1e-3)
+    assert c["max_abs_prompt_logprob_diff"] < 1e-3 and c["max_abs_generated_logprob_diff"] < 1e-1, c
+    assert c["generated_within_1e-3"] >= 0.95, c
+    if rope != "default":  # the scaling is exported and read: dropping it would move the prompt log-probabilities
+        assert r["rope"]["rope_type"] == {"llama3": "llama3", "llama3_yarn": "yarn"}[rope], r["rope"]
         assert r["transformers_without_scaling"]["max_abs_prompt_logprob_diff"] > 1e-2, r["transformers_without_scaling"]

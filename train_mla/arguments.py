@@ -42,6 +42,10 @@ class MLAArguments:
     rope_freq_indices: list[int] | None = field(default=None, metadata={
         "help": "keep_pairs: which of the source's head_dim/2 RoPE frequencies the shared key keeps; null = the "
                 "fastest qk_rope_head_dim/2 ones, [0, 1, ...] (the others become position-free dims)."})
+    rope_key_scaling: str = field(default="source", metadata={
+        "help": "source (the shared key rotates at exactly the source's scaled frequencies) or deepseek_yarn (a "
+                "llama3-scaled source: DeepSeek-YaRN fitted to its rule, equal outside the llama3 transition band; "
+                "the one scaled RoPE vLLM's and SGLang's DeepSeek models compute, for recipes exported to them)."})
     q_energy_ratio: float | None = field(default=None, metadata={"help": "Dynamic query rank: keep this share of singular-value energy."})
     kv_energy_ratio: float | None = field(default=None, metadata={"help": "Dynamic KV rank: keep this share of singular-value energy."})
     rank_multiple: int = field(default=8, metadata={"help": "Dynamic ranks are rounded up to a multiple of this."})

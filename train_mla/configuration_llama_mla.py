@@ -11,6 +11,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig
 
 DECODE_PATHS = ("absorbed", "naive")
+ROPE_KEY_SCALINGS = ("source", "deepseek_yarn")
 
 
 @strict
@@ -27,6 +28,12 @@ class LlamaMLAConfig(LlamaConfig):
     rope_freq_indices (`list[int]` or `None`): which of the source's ``head_dim // 2`` RoPE frequencies the MLA
         RoPE key uses (``qk_rope_head_dim // 2`` of them). `None` = every ``head_dim // qk_rope_head_dim``-th one,
         i.e. a geometric schedule with the source's ``rope_theta``.
+    rope_key_scaling (`str`): "source" = the RoPE key rotates at exactly the source's (scaled) frequencies;
+        "deepseek_yarn" (a `llama3`-scaled source, ``rope_freq_indices`` 0, k, 2k, ...) = at the DeepSeek-YaRN
+        frequencies fitted to the source's `llama3` rule: equal outside its transition band (wavelengths between
+        ``original_max_position_embeddings / high_freq_factor`` and ``/ low_freq_factor``), a linear ramp inside it.
+        It is the one scaled RoPE that vLLM's and SGLang's DeepSeek models compute (they turn every scaled
+        ``rope_type`` into DeepSeek-YaRN), so an export runs there exactly.
     rope_interleave (`bool`): rotate adjacent pairs (2j, 2j+1) (DeepSeek / X-EcoMLA layout) instead of Llama's
         (j, j + d/2) halves.
     mla_decode_path (`str`): "absorbed" (attention in latent space when decoding with a cache) or "naive".
@@ -43,6 +50,7 @@ class LlamaMLAConfig(LlamaConfig):
     mla_layers: list[int] | None = None
     layer_ranks: dict | None = None
     rope_freq_indices: list[int] | None = None
+    rope_key_scaling: str = "source"
     rope_interleave: bool = False
     mla_decode_path: str = "absorbed"
 
@@ -84,6 +92,16 @@ class LlamaMLAConfig(LlamaConfig):
              and all(0 <= i < hd // 2 for i in idx), "rope_freq_indices",
              f"{d_r // 2} distinct frequency indices in [0, {hd // 2 - 1}] "
              f"(qk_rope_head_dim must divide head_dim when it is left unset)", idx)
+
+        need(self.rope_key_scaling in ROPE_KEY_SCALINGS, "rope_key_scaling", f"one of {ROPE_KEY_SCALINGS}",
+             self.rope_key_scaling)
+        if self.rope_key_scaling == "deepseek_yarn":
+            src = (self.rope_parameters or {}).get("rope_type", "default")
+            need(src == "llama3", "rope_key_scaling", "'source' unless the source's rope_type is 'llama3' "
+                 f"(DeepSeek-YaRN is fitted to that rule; the source has {src!r})", self.rope_key_scaling)
+            k = idx[1] - idx[0] if len(idx) > 1 else 1
+            need(k > 0 and idx == list(range(0, k * len(idx), k)), "rope_freq_indices",
+                 "0, k, 2k, ... with rope_key_scaling 'deepseek_yarn' (a geometric series, the form YaRN scales)", idx)
 
         q_max, kv_max = min(D, H * (d_n + d_r)), min(D, H * (d_n + d_v))
         for layer in sorted(self.mla_layer_ids):

@@ -6,7 +6,8 @@ The result loads in unmodified transformers (and engines that read DeepSeek-V3 c
 logits. RoPE rows are written in DeepSeek's interleaved order (`rope_interleave: true`), the convention llama.cpp and
 vLLM assume for DeepSeek models. What DeepSeek-V3 cannot represent exactly is refused, with the recipe setting that makes it exportable:
 latents without RMSNorm, per-layer ranks, hybrid GQA layers, biases, and a RoPE key whose frequencies DeepSeek-V3's
-rope_parameters cannot give (plain RoPE theta^(-2j/d_rope), or Llama-3's `llama3` scaling of such a series).
+rope_parameters cannot give (plain RoPE theta^(-2j/d_rope), Llama-3's `llama3` scaling of such a series, or the
+DeepSeek-YaRN one of `rope_key_scaling: deepseek_yarn`, the only scaled RoPE vLLM's DeepSeek models compute).
 """
 
 import argparse
@@ -42,8 +43,9 @@ def rope_parameters_for_export(cfg: LlamaMLAConfig) -> dict:
     With rope_freq_indices 0, k, 2k, ... the kept source frequencies base^(-2kj/head_dim) are the series
     theta^(-2j/d_rope) of theta = base^(k d_rope/head_dim): plain RoPE when the source's scaling leaves them unchanged
     (preferred: every engine reads it), else, for Llama-3's `llama3` scaling, which changes a frequency by its
-    wavelength alone, the same scaling over that series. Each candidate is checked against the frequencies stock
-    transformers computes from it."""
+    wavelength alone, the same scaling over that series; with rope_key_scaling deepseek_yarn, the DeepSeek-YaRN
+    parameters the key was trained with. Each candidate is checked against the frequencies stock transformers
+    computes from it."""
     from .mla_attention import MLARotaryEmbedding
 
     inv_freq, scaling = MLARotaryEmbedding.compute_inv_freq(cfg)
@@ -52,7 +54,9 @@ def rope_parameters_for_export(cfg: LlamaMLAConfig) -> dict:
     src = cfg.rope_parameters
     theta = float(src["rope_theta"]) ** (step * 2 * half / cfg.head_dim)
     candidates = [{"rope_type": "default", "rope_theta": theta}]
-    if src.get("rope_type") == "llama3":
+    if cfg.rope_key_scaling == "deepseek_yarn":  # the key was trained at these frequencies: nothing else is exact
+        candidates = [MLARotaryEmbedding.deepseek_yarn_parameters(cfg)]
+    elif src.get("rope_type") == "llama3":
         keep = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
         candidates.append({"rope_type": "llama3", "rope_theta": theta, **{k: src[k] for k in keep}})
     if idx == list(range(0, step * half, step)) and step > 0:
@@ -117,12 +121,13 @@ def engine_warnings(kv_lora_rank: int, qk_rope_head_dim: int, q_lora_rank: int |
                     num_layers: int | None = None, rope_type: str = "default") -> list[str]:
     """One line per serving engine that will refuse this layout: MLA kernels with fixed widths, (given num_layers)
     llama.cpp, any widths, when the query is full rank (q_lora_rank None), which its loader accepts only at
-    DeepSeek-V2-Lite's depths; and vLLM, which was measured to mis-compute a llama3-scaled RoPE key."""
+    DeepSeek-V2-Lite's depths; and vLLM, which mis-computes a llama3-scaled RoPE key (it computes DeepSeek-YaRN)."""
     out = []
     if rope_type == "llama3":
-        out.append("vLLM 0.32 (CPU backend, benchmarks/vllm_check.py --rope llama3) computes wrong log-probabilities for "
-                   "a DeepSeek-V3 export with rope_type llama3 (up to 7.6 nats off on a tiny model, where the same model "
-                   "with plain RoPE matches to 4e-5); its GPU path and llama.cpp were not checked with it")
+        out.append("vLLM 0.32 computes wrong log-probabilities for a DeepSeek-V3 export with rope_type llama3 (its "
+                   "DeepSeek models turn every scaled RoPE into DeepSeek-YaRN; benchmarks/vllm_check.py --rope llama3: "
+                   "up to 7.6 nats off on a tiny model); train with rope_key_scaling: deepseek_yarn for an export vLLM "
+                   "computes exactly (--rope llama3_yarn: 4e-5)")
     if num_layers is not None and q_lora_rank is None and num_layers not in LLAMA_CPP_NO_Q_LORA_LAYERS:
         out.append("llama.cpp (llama-cpp-python 0.3.36) will refuse a full-rank query (q_lora_rank null) at "
                    f"{num_layers} layers: its deepseek2 loader requires deepseek2.attention.q_lora_rank unless the "

@@ -33,6 +33,8 @@ class MLARotaryEmbedding(nn.Module):
 
     Using the source's frequencies (after its scaling, e.g. Llama-3's ``llama3`` rule) keeps the rotation of
     every kept frequency identical to the original model at every position, so no YaRN substitute is needed.
+    ``rope_key_scaling: deepseek_yarn`` is that substitute, for engines that compute nothing else (see
+    ``deepseek_yarn_parameters``).
     """
 
     def __init__(self, config: LlamaMLAConfig):
@@ -46,7 +48,28 @@ class MLARotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [d_r / 2]
 
     @staticmethod
+    def deepseek_yarn_parameters(config: LlamaMLAConfig) -> dict:
+        """DeepSeek-V3 rope_parameters of YaRN over the key's series theta^(-2j/d_r), fitted to the source's `llama3`
+        rule: the same factor and original context, its band edges as YaRN's (beta_fast = high_freq_factor rotations
+        over the original context, beta_slow = low_freq_factor), and no magnitude change (mscale 0, attention_factor
+        1): unchanged below the band, divided by the factor above it, a linear ramp over the indices inside."""
+        src, idx, d_r = config.rope_parameters, config.rope_freq_indices, config.qk_rope_head_dim
+        k = idx[1] - idx[0] if len(idx) > 1 else 1  # kept source index i = k j: base^(-2kj/hd) = theta^(-2j/d_r)
+        return {"rope_type": "yarn", "rope_theta": float(src["rope_theta"]) ** (k * d_r / config.head_dim),
+                "factor": float(src["factor"]), "original_max_position_embeddings": src["original_max_position_embeddings"],
+                "beta_fast": float(src["high_freq_factor"]), "beta_slow": float(src["low_freq_factor"]),
+                "mscale": 0.0, "mscale_all_dim": 0.0, "attention_factor": 1.0}
+
+    @staticmethod
     def compute_inv_freq(config: LlamaMLAConfig) -> tuple[torch.Tensor, float]:
+        if config.rope_key_scaling == "deepseek_yarn":
+            from transformers import LlamaConfig
+
+            key = LlamaConfig(hidden_size=config.qk_rope_head_dim, num_attention_heads=1, head_dim=config.qk_rope_head_dim,
+                              max_position_embeddings=config.max_position_embeddings,
+                              rope_parameters=MLARotaryEmbedding.deepseek_yarn_parameters(config))
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS["yarn"](key)  # [d_r / 2]
+            return inv_freq.to(torch.float32), scaling
         rope_type = config.rope_parameters.get("rope_type", "default")
         init_fn = LlamaRotaryEmbedding.compute_default_rope_parameters if rope_type == "default" else ROPE_INIT_FUNCTIONS[rope_type]
         full, scaling = init_fn(config)  # [head_dim / 2], exactly the source model's frequencies

@@ -69,7 +69,8 @@ def build_config(source_config, mla: MLAArguments, layer_ranks: dict | None = No
         **base, q_lora_rank=mla.q_lora_rank, kv_lora_rank=mla.kv_lora_rank, qk_rope_head_dim=mla.qk_rope_head_dim,
         qk_nope_head_dim=mla.qk_nope_head_dim, v_head_dim=mla.v_head_dim, use_lora_layer_norm=mla.use_lora_layer_norm,
         mla_layers=mla.mla_layers, layer_ranks=layer_ranks, rope_freq_indices=rope_freq_indices,
-        rope_interleave=mla.rope_init == "xecomla", mla_decode_path=mla.mla_decode_path,
+        rope_key_scaling=mla.rope_key_scaling, rope_interleave=mla.rope_init == "xecomla",
+        mla_decode_path=mla.mla_decode_path,
     )
 
 
