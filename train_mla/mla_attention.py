@@ -66,7 +66,10 @@ class MLARotaryEmbedding(nn.Module):
             from transformers import LlamaConfig
 
             key = LlamaConfig(hidden_size=config.qk_rope_head_dim, num_attention_heads=1, head_dim=config.qk_rope_head_dim,
-                              max_position_embeddings=config.max_position_embeddings,
+                              # factor x original context: the length YaRN assumes (any other draws a warning
+                              # from transformers; the frequencies use the explicit factor either way)
+                              max_position_embeddings=int(float(config.rope_parameters["factor"])
+                                                          * config.rope_parameters["original_max_position_embeddings"]),
                               rope_parameters=MLARotaryEmbedding.deepseek_yarn_parameters(config))
             inv_freq, scaling = ROPE_INIT_FUNCTIONS["yarn"](key)  # [d_r / 2]
             return inv_freq.to(torch.float32), scaling
