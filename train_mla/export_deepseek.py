@@ -52,7 +52,7 @@ def rope_parameters_for_export(cfg: LlamaMLAConfig) -> dict:
     idx, half = list(cfg.rope_freq_indices), inv_freq.numel()
     step = idx[1] - idx[0] if half > 1 else 1
     src = cfg.rope_parameters
-    theta = float(src["rope_theta"]) ** (step * 2 * half / cfg.head_dim)
+    theta = MLARotaryEmbedding.series_theta(cfg)
     candidates = [{"rope_type": "default", "rope_theta": theta}]
     if cfg.rope_key_scaling == "deepseek_yarn":  # the key was trained at these frequencies: nothing else is exact
         candidates = [MLARotaryEmbedding.deepseek_yarn_parameters(cfg)]

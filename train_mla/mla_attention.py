@@ -48,14 +48,21 @@ class MLARotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [d_r / 2]
 
     @staticmethod
+    def series_theta(config: LlamaMLAConfig) -> float:
+        """theta of the series theta^(-2j/d_r) that rope_freq_indices 0, k, 2k, ... keep of the source's
+        base^(-2i/head_dim) (i = k j; the caller checks the indices have that form)."""
+        idx = config.rope_freq_indices
+        k = idx[1] - idx[0] if len(idx) > 1 else 1
+        return float(config.rope_parameters["rope_theta"]) ** (k * config.qk_rope_head_dim / config.head_dim)
+
+    @staticmethod
     def deepseek_yarn_parameters(config: LlamaMLAConfig) -> dict:
         """DeepSeek-V3 rope_parameters of YaRN over the key's series theta^(-2j/d_r), fitted to the source's `llama3`
         rule: the same factor and original context, its band edges as YaRN's (beta_fast = high_freq_factor rotations
         over the original context, beta_slow = low_freq_factor), and no magnitude change (mscale 0, attention_factor
         1): unchanged below the band, divided by the factor above it, a linear ramp over the indices inside."""
-        src, idx, d_r = config.rope_parameters, config.rope_freq_indices, config.qk_rope_head_dim
-        k = idx[1] - idx[0] if len(idx) > 1 else 1  # kept source index i = k j: base^(-2kj/hd) = theta^(-2j/d_r)
-        return {"rope_type": "yarn", "rope_theta": float(src["rope_theta"]) ** (k * d_r / config.head_dim),
+        src = config.rope_parameters
+        return {"rope_type": "yarn", "rope_theta": MLARotaryEmbedding.series_theta(config),
                 "factor": float(src["factor"]), "original_max_position_embeddings": src["original_max_position_embeddings"],
                 "beta_fast": float(src["high_freq_factor"]), "beta_slow": float(src["low_freq_factor"]),
                 "mscale": 0.0, "mscale_all_dim": 0.0, "attention_factor": 1.0}
