@@ -4,7 +4,7 @@ MLA layout (one latent head, 32 query heads, 64 + 32 columns) and the GQA layout
     python benchmarks/decode_kernel_sweep.py      # GPU; prints a table, writes docs/benchmarks_kernel_sweep.json
 
 Bandwidth = cache bytes the call must read / its time (CUDA graph replays timed by CUDA events, median of 20; the
-call is the split kernel and the merge kernel). The best tile per layout is what `decode_attention.TILE` holds;
+call is the split kernel and the merge kernel, or the split kernel alone with the fused merge). The best tile per layout is what `decode_attention.TILE` holds;
 `python benchmarks/decode.py --tiles SWEEP.json` runs the engine with the best of a sweep instead.
 """
 
@@ -42,8 +42,19 @@ def bench(fn, reps=20):
     return sorted(times)[len(times) // 2]
 
 
-# (programs per SM, tokens per tile, warps, pipeline stages, transposed) tried per layout
-GRID = {"mla": ([2, 4, 8], [64, 128], [4], [2, 3], [False, True]), "gqa": ([2], [64], [4], [3], [False, True])}
+KEYS = ("programs_per_sm", "block_t", "num_warps", "num_stages", "transposed", "fused_merge")
+
+
+def tiles(*grids):
+    """Every combination of each grid's values (a grid: one list per KEYS entry)."""
+    return [dict(zip(KEYS, combo)) for grid in grids for combo in itertools.product(*grid)]
+
+
+# tried per layout: the earlier formulation around its best tile, and the transposed one (tokens as the rows of the
+# matrix units) over tiles, warps, stages and splits; both with the merge pass and with the fused merge
+GRID = {"mla": tiles(([2, 4], [128], [4], [3], [False], [False, True]),
+                     ([1, 2, 3, 4], [64, 128, 256], [4, 8], [2, 3], [True], [False, True])),
+        "gqa": tiles(([2], [64], [4], [3], [False, True], [False]))}
 
 
 def main():
@@ -57,23 +68,22 @@ def main():
     rows = []
     for layout, (q, k, v, nbytes) in cases.items():
         ref = da.decode_attention(q, k, v, lengths, 0.1, backend="torch").float()
-        grid = GRID[layout]
-        for per_sm, bt, warps, stages, trans in itertools.product(*grid):
-            da.TILE[layout] = {"block_t": bt, "num_warps": warps, "num_stages": stages, "programs_per_sm": per_sm,
-                               "transposed": trans}
+        for tile in GRID[layout]:
+            da.TILE[layout] = dict(tile)
             splits = da.default_num_splits(B, q.shape[1], da.multiprocessors(dev), layout)
             try:
                 err = float((da.decode_attention_triton(q, k, v, lengths, 0.1, splits).float() - ref).abs().max())
                 t = bench(lambda: da.decode_attention_triton(q, k, v, lengths, 0.1, splits))
             except Exception as e:  # e.g. out of shared memory for the biggest tiles
-                rows.append({"layout": layout, "programs_per_sm": per_sm, "block_t": bt, "num_warps": warps,
-                             "num_stages": stages, "transposed": trans, "error": str(e)[-3000:]})
+                rows.append({"layout": layout, **tile, "error": str(e)[-3000:]})
+                print(json.dumps({k: v for k, v in rows[-1].items() if k != "error"}), "failed:", str(e)[-300:],
+                      flush=True)
                 continue
-            rows.append({"layout": layout, "programs_per_sm": per_sm, "splits": splits, "block_t": bt, "num_warps": warps,
-                         "num_stages": stages, "transposed": trans, "us": 1e6 * t,
-                         "tb_per_s": nbytes / t / 1e12, "max_abs_err": err})
+            rows.append({"layout": layout, **tile, "splits": splits, "us": 1e6 * t, "tb_per_s": nbytes / t / 1e12,
+                         "max_abs_err": err})
             print(json.dumps(rows[-1]), flush=True)
-    best = {lay: max((r for r in rows if r["layout"] == lay and "us" in r), key=lambda r: r["tb_per_s"]) for lay in cases}
+    ok = [r for r in rows if "us" in r and r["max_abs_err"] < 0.05]  # a fast wrong kernel is no candidate
+    best = {lay: max((r for r in ok if r["layout"] == lay), key=lambda r: r["tb_per_s"]) for lay in cases}
     print("best", json.dumps(best))
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/benchmarks_kernel_sweep.json")
     out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "batch": B, "context": T, "rows": rows,

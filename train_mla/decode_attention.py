@@ -7,8 +7,9 @@ The same function serves both cache layouts of the inference engine:
   same latent cache, so v_cache is a view of k_cache and a tile loaded for the scores is reused for the values.
 
 On CUDA a split-KV Triton kernel (flash-decoding: every (sequence, key head, split) is one program serving all
-query heads of that key head, each split keeps a running max and sum, and a second small kernel merges the splits,
-or none when there is one) reads each cache entry once. Elsewhere the
+query heads of that key head, each split keeps a running max and sum, and the splits are merged by a second small
+kernel, or by the last split of each sequence to finish (`fused_merge`), or not at all when there is one) reads each
+cache entry once. Elsewhere the
 plain PyTorch reference below computes the same thing; tests check the kernel against it under Triton's
 interpreter on CPU. Only positions t < lengths[b] of sequence b are attended to.
 """
@@ -119,13 +120,13 @@ def _build_kernel():
     globals()["attend_tile"] = attend_tile
 
     @triton.jit
-    def split_kv_decode(Q, Kc, Vc, Lens, Out, Acc, Max, Sum,
+    def split_kv_decode(Q, Kc, Vc, Lens, Out, Acc, Max, Sum, Count,
                         sq_b, sq_k, sq_g, sk_b, sk_t, sk_k, sv_b, sv_t, sv_k, so_b, so_k, so_g,
                         G, DA, DB, DV, num_splits, qk_scale,
                         BLOCK_G: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr,
                         BLOCK_T: tl.constexpr, HAS_B: tl.constexpr, V_IS_KA: tl.constexpr, IEEE: tl.constexpr,
                         EVEN_DA: tl.constexpr, EVEN_DB: tl.constexpr, EVEN_DV: tl.constexpr, SINGLE: tl.constexpr,
-                        TRANS: tl.constexpr):
+                        TRANS: tl.constexpr, FUSED_MERGE: tl.constexpr):
         # key columns = part A [0, DA) + part B [DA, DA + DB). MLA: A = latent (also the values), B = RoPE key.
         b, kh, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n_kh, n_s = tl.num_programs(1), tl.num_programs(2)
@@ -167,27 +168,41 @@ def _build_kernel():
             tl.store(Max + row, m_i)
             tl.store(Sum + row, l_i)
             tl.store(Acc + row[:, None] * BLOCK_DV + dv[None, :], acc)
+            if FUSED_MERGE:  # the last split of a (sequence, key head) to finish merges them all: no second launch
+                tl.debug_barrier()  # every thread's partials are written before the counter's (release) increment
+                done = tl.atomic_add(Count + b64 * n_kh + kh, 1, sem="acq_rel", scope="gpu")
+                if done == n_s - 1:
+                    merge_partials(Out, Acc, Max, Sum, b, kh, n_kh, so_b, so_k, so_g, G, DV, n_s, BLOCK_G, BLOCK_DV)
+                    tl.atomic_xchg(Count + b64 * n_kh + kh, 0, sem="relaxed", scope="gpu")  # ready for the next call
 
     @triton.jit
-    def merge_splits(Out, Acc, Max, Sum, so_b, so_k, so_g, G, DV, num_splits,
-                     BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr):
-        # one program per (sequence, key head): weight each split by exp2(its max - the overall max); empty splits
-        # (max -inf) weigh 0
-        b, kh, n_kh = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+    def merge_partials(Out, Acc, Max, Sum, b, kh, n_kh, so_b, so_k, so_g, G, DV, num_splits,
+                       BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr):
+        # the splits of one (sequence, key head): weight each by exp2(its max - the overall max); empty splits (max
+        # -inf) weigh 0. Loads bypass L1 (.cg): the partials were written by other programs of the same launch
         g, dv = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_DV)
         base = (b.to(tl.int64) * n_kh + kh) * num_splits * BLOCK_G
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
         for s in range(num_splits):
-            m = tl.maximum(m, tl.load(Max + base + s * BLOCK_G + g))
+            m = tl.maximum(m, tl.load(Max + base + s * BLOCK_G + g, cache_modifier=".cg"))
         num = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
         den = tl.zeros([BLOCK_G], tl.float32)
         for s in range(num_splits):
             row = base + s * BLOCK_G + g
-            w = tl.exp2(tl.load(Max + row) - m)
-            den += w * tl.load(Sum + row)
-            num += w[:, None] * tl.load(Acc + row[:, None] * BLOCK_DV + dv[None, :])
+            w = tl.exp2(tl.load(Max + row, cache_modifier=".cg") - m)
+            den += w * tl.load(Sum + row, cache_modifier=".cg")
+            num += w[:, None] * tl.load(Acc + row[:, None] * BLOCK_DV + dv[None, :], cache_modifier=".cg")
         o = Out + b.to(tl.int64) * so_b + kh * so_k + g[:, None] * so_g + dv[None, :]
         tl.store(o, (num / den[:, None]).to(Out.dtype.element_ty), mask=(g[:, None] < G) & (dv[None, :] < DV))
+
+    globals()["merge_partials"] = merge_partials
+
+    @triton.jit
+    def merge_splits(Out, Acc, Max, Sum, so_b, so_k, so_g, G, DV, num_splits,
+                     BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr):
+        # the separate merge pass: one program per (sequence, key head)
+        merge_partials(Out, Acc, Max, Sum, tl.program_id(0), tl.program_id(1), tl.num_programs(1), so_b, so_k, so_g,
+                       G, DV, num_splits, BLOCK_G, BLOCK_DV)
 
     return split_kv_decode, merge_splits
 
@@ -198,14 +213,27 @@ def _next_pow2(n: int, floor: int = 16) -> int:
 
 # per cache layout: tile sizes, and (sequence, key head, split) programs per multiprocessor that set the number of
 # splits; chosen by the sweep of benchmarks/decode_kernel_sweep.py (docs/benchmarks.md)
-TILE = {"mla": {"block_t": 128, "num_warps": 4, "num_stages": 3, "programs_per_sm": 4, "transposed": False},
-        "gqa": {"block_t": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2, "transposed": False}}
+TILE = {"mla": {"block_t": 128, "num_warps": 4, "num_stages": 3, "programs_per_sm": 4, "transposed": False,
+                "fused_merge": False},
+        "gqa": {"block_t": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2, "transposed": False,
+                "fused_merge": False}}
 LOG2E = 1.4426950408889634
+_COUNTERS: dict = {}  # per device: int32 zeros, one per (sequence, key head), for the fused merge; reset by the kernel
+
+
+def split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed counters of finished splits. Kept across calls (and CUDA graph replays): the merging program puts its
+    counter back to 0, so a buffer is zeroed once, when it is allocated."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[device] = torch.zeros(max(n, 1024), device=device, dtype=torch.int32)
+    return buf
 
 
 def decode_attention_triton(q, k_cache, v_cache, lengths, scale, num_splits: int | None = None):
-    """Split-KV kernel, then one merge kernel for the splits (none when there is one split); num_splits None = enough
-    programs for every multiprocessor (default_num_splits).
+    """Split-KV kernel, then one merge kernel for the splits (none when there is one split, or when TILE[layout] has
+    fused_merge: the last split to finish merges); num_splits None = enough programs for every multiprocessor
+    (default_num_splits).
 
     When v_cache is the first columns of k_cache (MLA's latent), each tile is loaded once for scores and values."""
     B, K, G, DK = q.shape
@@ -224,17 +252,19 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, num_splits: int
     acc = torch.empty(B, K, num_splits, BG, BDV, device=q.device, dtype=torch.float32)
     mx = torch.empty(B, K, num_splits, BG, device=q.device, dtype=torch.float32)
     sm = torch.empty_like(mx)
+    fused_merge = num_splits > 1 and tile.get("fused_merge", False)
+    count = split_counters(q.device, B * K) if fused_merge else mx
     split_kv_decode, merge_splits = kernel()
     split_kv_decode[(B, K, num_splits)](
-        q, k_cache, v_cache, lengths, out, acc, mx, sm,
+        q, k_cache, v_cache, lengths, out, acc, mx, sm, count,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
         G, DA, DB, DV, num_splits, scale * LOG2E,
         BLOCK_G=BG, BLOCK_DA=BDA, BLOCK_DB=BDB, BLOCK_DV=BDV, BLOCK_T=tile["block_t"], HAS_B=DB > 0,
         V_IS_KA=v_is_prefix, IEEE=q.dtype == torch.float32, EVEN_DA=DA == BDA, EVEN_DB=DB == BDB,
-        EVEN_DV=DV == BDV, SINGLE=num_splits == 1, TRANS=tile["transposed"], num_warps=tile["num_warps"],
-        num_stages=tile["num_stages"])
-    if num_splits > 1:
+        EVEN_DV=DV == BDV, SINGLE=num_splits == 1, TRANS=tile["transposed"], FUSED_MERGE=fused_merge,
+        num_warps=tile["num_warps"], num_stages=tile["num_stages"])
+    if num_splits > 1 and not fused_merge:
         merge_splits[(B, K)](out, acc, mx, sm, out.stride(0), out.stride(1), out.stride(2), G, DV, num_splits,
                              BLOCK_G=BG, BLOCK_DV=BDV, num_warps=4)
     return out
