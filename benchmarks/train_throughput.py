@@ -67,6 +67,7 @@ def main(argv=None):
     p.add_argument("--chunk", type=int, default=4096, help="loss_chunk_size")
     p.add_argument("--loss", choices=["chunked", "liger"], default="chunked", help="loss_implementation")
     p.add_argument("--attn", default="sdpa")
+    p.add_argument("--teacher_fp8", action="store_true", help="teacher_fp8: true (the teacher's decoder in FP8)")
     p.add_argument("--out", default="docs/benchmarks_train_throughput",
                    help="OUT.json / OUT.md (docs/benchmarks_train.* hold the older component benchmark)")
     a = p.parse_args(argv)
@@ -85,7 +86,7 @@ def main(argv=None):
     args = DistillConfig(output_dir=tmp, max_steps=a.warmup + a.steps, per_device_train_batch_size=a.batch,
                          learning_rate=1e-5, logging_steps=1, save_strategy="no", report_to="none", bf16=gpu,
                          use_cpu=not gpu and not deepspeed, compile_layers=a.compile, loss_chunk_size=a.chunk,
-                         loss_implementation=a.loss,
+                         loss_implementation=a.loss, teacher_fp8=a.teacher_fp8,
                          remove_unused_columns=False, disable_tqdm=True, dataloader_num_workers=2,
                          ddp_backend=None if gpu or not deepspeed else "gloo")
     torch.manual_seed(0)
@@ -105,6 +106,7 @@ def main(argv=None):
     timed = [h["tokens_per_second_per_device"] for h in logs[a.warmup:]]
     row = {"shape": a.shape, "deepspeed_stage": stage, "compile_layers": a.compile, "documents": a.documents,
            "attn": a.attn, "batch": a.batch, "seq": a.seq, "loss_chunk_size": a.chunk, "loss": a.loss,
+           "teacher_fp8": a.teacher_fp8,
            "tokens_per_s": statistics.median(timed), "min": min(timed), "max": max(timed), "timed_steps": len(timed),
            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
            "device": torch.cuda.get_device_name() if gpu else "cpu", "torch": torch.__version__}
@@ -113,26 +115,29 @@ def main(argv=None):
         print(json.dumps(row), flush=True)
 
 
-KEY = ("shape", "deepspeed_stage", "compile_layers", "documents", "attn", "batch", "seq", "loss_chunk_size", "loss")
+KEY = ("shape", "deepspeed_stage", "compile_layers", "documents", "attn", "batch", "seq", "loss_chunk_size", "loss",
+       "teacher_fp8")
+DEFAULTS = {"loss": "chunked", "teacher_fp8": False}  # for rows recorded before these options
 
 
 def record(row: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     path = out.with_suffix(".json")
     rows = json.loads(path.read_text())["rows"] if path.is_file() else []
-    old = lambda r: tuple(r.get(k, "chunked" if k == "loss" else None) for k in KEY)  # rows from before --loss
+    old = lambda r: tuple(r.get(k, DEFAULTS.get(k)) for k in KEY)  # noqa: E731
     rows = [r for r in rows if old(r) != tuple(row[k] for k in KEY)] + [row]
     path.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
     lines = ["Stage-1 throughput through `DistillTrainer` (`python benchmarks/train_throughput.py`, see its docstring); "
              "tokens/s = median over the timed steps, per device.", "",
-             "| shape | launcher | compiled layers | packed documents | attention | loss | batch x seq | tokens/s | min-max | peak GiB | device |",
-             "|---|---|---|---|---|---|---|---:|---:|---:|---|"]
+             "| shape | launcher | compiled layers | packed documents | attention | loss | teacher | batch x seq | tokens/s "
+             "| min-max | peak GiB | device |",
+             "|---|---|---|---|---|---|---|---|---:|---:|---:|---|"]
     for r in rows:
         launcher = "single process" if r["deepspeed_stage"] is None else f"accelerate + ZeRO-{r['deepspeed_stage']}"
         peak = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] else "-"
         lines.append(f"| {r['shape']} | {launcher} | "
                      f"{'yes' if r['compile_layers'] else 'no'} | {'yes' if r['documents'] else 'no'} | {r['attn']} | "
-                     f"{r.get('loss', 'chunked')} | "
+                     f"{r.get('loss', 'chunked')} | {'FP8' if r.get('teacher_fp8') else 'bf16'} | "
                      f"{r['batch']} x {r['seq']} | {r['tokens_per_s']:,.0f} | {r['min']:,.0f}-{r['max']:,.0f} | {peak} | "
                      f"{r['device']} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -27,11 +27,24 @@ def test_decode_benchmark_smoke(tmp_path):
 
 
 def test_train_throughput_benchmark_smoke(tmp_path):
-    _script("train_throughput").main(["--shape", "tiny", "--batch", "2", "--seq", "64", "--steps", "2", "--warmup", "1",
-                                      "--documents", "--out", str(tmp_path / "train")])
-    assert (tmp_path / "train.md").is_file()
+    for extra in ([], ["--teacher_fp8"]):  # a second row beside the first, not in its place
+        _script("train_throughput").main(["--shape", "tiny", "--batch", "2", "--seq", "64", "--steps", "2", "--warmup",
+                                          "1", "--documents", "--out", str(tmp_path / "train"), *extra])
+    assert "| FP8 |" in (tmp_path / "train.md").read_text()
     rows = json.loads((tmp_path / "train.json").read_text())["rows"]
-    assert len(rows) == 1 and rows[0]["tokens_per_s"] > 0 and rows[0]["documents"] and rows[0]["deepspeed_stage"] is None
+    assert [r["teacher_fp8"] for r in rows] == [False, True]
+    assert all(r["tokens_per_s"] > 0 and r["documents"] and r["deepspeed_stage"] is None for r in rows)
+
+
+def test_fp8_teacher_kl_smoke(tmp_path):
+    from conftest import make_tiny_checkpoint, synthetic_sentences
+
+    make_tiny_checkpoint(tmp_path / "m")
+    (tmp_path / "text.txt").write_text(" ".join(synthetic_sentences(300)))
+    r = _script("fp8_teacher_kl").main([str(tmp_path / "m"), "--text", str(tmp_path / "text.txt"), "--seq", "32",
+                                        "--windows", "4", "--out", str(tmp_path / "kl")])
+    assert r["fp8_linear_layers"] > 0 and r["kl_bf16_to_fp8"] > 0 and r["tokens"] == 4 * 31
+    assert json.loads((tmp_path / "kl.json").read_text())["ppl_fp8"] == r["ppl_fp8"]
 
 
 @needs_smollm2

@@ -148,6 +148,10 @@ class DistillConfig(TrainingArguments):
         "help": "Training loss: chunked (distill_loss: chunks of loss_chunk_size under activation checkpointing) or "
                 "liger (liger-kernel's fused linear JSD at beta 0 = the same KL; needs `pip install liger-kernel`, "
                 "ce_weight 0, no ZeRO-3). Evaluation always uses chunked (it also gives the CE and perplexity)."})
+    teacher_fp8: bool = field(default=False, metadata={
+        "help": "Run the frozen teacher's decoder linear layers in FP8 (e4m3, row-wise scales, torch._scaled_mm; "
+                "train_mla/fp8_teacher.py): a faster teacher forward on Hopper, slightly different targets "
+                "(benchmarks/fp8_teacher_kl.py). Not with ZeRO-3; needs an FP8 GPU (compute capability >= 8.9) or CPU."})
     freeze_non_mla: bool = field(default=False, metadata={"help": "Train only the MLA attention projections."})
     compile_layers: bool | None = field(default=None, metadata={
         "help": "torch.compile every decoder layer of the student and the teacher (null = on when training on a GPU). "

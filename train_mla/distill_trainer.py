@@ -49,6 +49,8 @@ class DistillTrainer(Trainer):
         else:
             teacher = teacher.to(self.args.device)
         self.teacher = teacher
+        if self.args.teacher_fp8:
+            self._teacher_to_fp8()
         if self.args.loss_implementation == "liger" and self.is_deepspeed_enabled and \
                 self.accelerator.state.deepspeed_plugin.zero_stage == 3:
             raise ValueError("loss_implementation: liger reads the heads' weights directly, which ZeRO-3 partitions: "
@@ -64,6 +66,18 @@ class DistillTrainer(Trainer):
         self.loss_is_scaled_for_ga = False  # the loss is a per-micro-batch token mean: let the Trainer divide by GA
         self._window = self._new_window()
         self._eval_window = self._new_window()
+
+    def _teacher_to_fp8(self):
+        from .fp8_teacher import quantize_teacher_fp8
+
+        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            raise ValueError("teacher_fp8: true replaces the teacher's linear weights, which ZeRO-3 partitions: use "
+                             "--zero_stage 2 (one GPU, or a teacher that fits each GPU) or teacher_fp8: false")
+        if self.args.device.type == "cuda" and torch.cuda.get_device_capability(self.args.device) < (8, 9):
+            raise ValueError(f"teacher_fp8: true needs FP8 matrix units (compute capability >= 8.9); "
+                             f"{torch.cuda.get_device_name(self.args.device)} has none: set teacher_fp8: false")
+        n = quantize_teacher_fp8(self._bare(self.teacher))
+        logger.info(f"Teacher: {n} decoder linear layers in FP8 (e4m3, row-wise scales); head and embeddings bf16")
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
