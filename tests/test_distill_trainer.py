@@ -32,11 +32,14 @@ def _trainer(tmp_path, bf16: bool, **extra):
 
 def test_student_computes_under_bf16_autocast_with_fp32_weights(tmp_path):
     trainer, student = _trainer(tmp_path, bf16=True)
-    seen = []
+    seen, head = [], []
     hook = student.model.layers[0].self_attn.kv_b_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    head_hook = student.lm_head.register_forward_hook(lambda m, i, o: head.append(o.dtype))  # inside the loss
     trainer.train()
     hook.remove()
-    assert seen and all(d == torch.bfloat16 for d in seen), seen  # compute in bf16 ...
+    head_hook.remove()
+    assert seen and all(d == torch.bfloat16 for d in seen), seen  # compute in bf16, the LM head's too ...
+    assert head and all(d == torch.bfloat16 for d in head), head
     assert all(p.dtype == torch.float32 for p in student.parameters())  # ... on fp32 master weights
 
 
@@ -67,6 +70,11 @@ for impl in ("chunked", "liger"):
     trainer.train()
     updates[impl] = {{n: p.detach() - before[n] for n, p in student.named_parameters()}}
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
+trainer, student = _trainer(Path(tempfile.mkdtemp()), bf16=True, loss_implementation="liger", optim="sgd")
+before = {{n: p.detach().clone() for n, p in student.named_parameters()}}
+trainer.train()  # bf16 products (compute_dtype), fp32 weights updated through the casts
+assert all(p.dtype == torch.float32 for p in student.parameters())
+assert not torch.equal(before["lm_head.weight"], student.lm_head.weight.detach())
 diff = sum((updates["liger"][n] - u).pow(2).sum() for n, u in updates["chunked"].items()).sqrt()
 print("relative update difference", (diff / sum(u.pow(2).sum() for u in updates["chunked"].values()).sqrt()).item())
 """

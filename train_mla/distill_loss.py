@@ -69,11 +69,12 @@ def distill_loss(student_hidden, teacher_hidden, student_head, teacher_head, lab
 
 
 def fused_distill_loss(student_hidden, teacher_hidden, student_head, teacher_head, labels, *, kl_weight=1.0,
-                       temperature=1.0):
+                       temperature=1.0, compute_dtype=None):
     """distill_loss's KL term (ce_weight 0) through liger-kernel's LigerFusedLinearJSD: beta 0 is KL(teacher ||
     student), averaged over the rows it gets, here the positions holding a real token; logits at temperature T, the
     loss scaled by T^2 as above. For training (the heads' weights get their gradients from its own backward); stats as
-    distill_loss's, without CE (nan, ce_tokens 0). The heads are used through their weights: not under ZeRO-3."""
+    distill_loss's, without CE (nan, ce_tokens 0). The heads are used through their weights: not under ZeRO-3.
+    compute_dtype (bf16 training): both products in that dtype; the fp32 weight gets its gradient through the cast."""
     from liger_kernel.transformers import LigerFusedLinearJSD
 
     B, L, _ = student_hidden.shape
@@ -83,6 +84,9 @@ def fused_distill_loss(student_hidden, teacher_hidden, student_head, teacher_hea
         return zero, {"kl": zero.detach(), "ce": torch.tensor(float("nan")), "tokens": 0, "ce_tokens": 0}
     s = student_hidden.reshape(B * L, -1)[idx]  # [N, D]
     t = teacher_hidden.reshape(B * L, -1)[idx]  # [N, D_t]
-    kl = LigerFusedLinearJSD(jsd_beta=0.0, temperature=temperature)(s, student_head.weight, t, teacher_head.weight, None)
+    w_s, w_t = student_head.weight, teacher_head.weight
+    if compute_dtype is not None:
+        s, t, w_s, w_t = (x.to(compute_dtype) for x in (s, t, w_s, w_t))
+    kl = LigerFusedLinearJSD(jsd_beta=0.0, temperature=temperature)(s, w_s, t, w_t, None)
     loss = kl_weight * temperature**2 * kl
     return loss, {"kl": kl.detach(), "ce": torch.tensor(float("nan")), "tokens": idx.numel(), "ce_tokens": 0}

@@ -107,17 +107,20 @@ class DistillTrainer(Trainer):
                 t_hidden = teacher.model(**forward, use_cache=False).last_hidden_state  # [B, L, D_t]
         else:
             t_hidden = None
-        with self.accelerator.autocast():  # the inner model bypasses the forward that accelerate wraps in autocast
+        # the inner model bypasses the forward that accelerate wraps in autocast; the student's LM head computes in
+        # bf16 too (a [tokens, 128k] product in fp32 cost a third of the 1B step), its weights staying fp32
+        with self.accelerator.autocast():
             s_hidden = student.model(**forward, use_cache=False).last_hidden_state  # [B, L, D]
-        if args.loss_implementation == "liger" and model.training and torch.is_grad_enabled():
-            loss, stats = fused_distill_loss(s_hidden, t_hidden, student.lm_head, teacher.lm_head, inputs["labels"],
-                                             kl_weight=args.kl_weight, temperature=args.temperature)
-        else:
-            loss, stats = distill_loss(
-                s_hidden, t_hidden if t_hidden is not None else s_hidden.detach(), student.lm_head, teacher.lm_head,
-                inputs["labels"], kl_weight=args.kl_weight, ce_weight=args.ce_weight, temperature=args.temperature,
-                chunk_size=args.loss_chunk_size,
-            )
+            if args.loss_implementation == "liger" and model.training and torch.is_grad_enabled():
+                loss, stats = fused_distill_loss(s_hidden, t_hidden, student.lm_head, teacher.lm_head, inputs["labels"],
+                                                 kl_weight=args.kl_weight, temperature=args.temperature,
+                                                 compute_dtype=torch.bfloat16 if args.bf16 else None)
+            else:
+                loss, stats = distill_loss(
+                    s_hidden, t_hidden if t_hidden is not None else s_hidden.detach(), student.lm_head,
+                    teacher.lm_head, inputs["labels"], kl_weight=args.kl_weight, ce_weight=args.ce_weight,
+                    temperature=args.temperature, chunk_size=args.loss_chunk_size,
+                )
         # training logs the mean of the per-step means; evaluation the mean over all of its tokens
         w, k_w, c_w = (self._window, 1, 1) if model.training else (self._eval_window, stats["tokens"], stats["ce_tokens"])
         w["kl"] += float(stats["kl"]) * k_w
