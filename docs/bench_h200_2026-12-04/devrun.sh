@@ -4,7 +4,9 @@
 #   bash devrun.sh sweep      call 1: install the carried wheels, keep FlashInfer's first part, run the kernel sweep
 #   bash devrun.sh peer       call 2: assemble + install FlashInfer (+ apache-tvm-ffi), ours vs FlashInfer
 #   bash devrun.sh train1     call 3: 1B student / 8B teacher, single process: bf16 teacher, then FP8 teacher
-#   bash devrun.sh train2     call 4: the same under accelerate + deepspeed_zero3.yaml (ZeRO-3, then ZeRO-2), then the engine
+#   bash devrun.sh train2     call 4: the same under accelerate + deepspeed_zero3.yaml (ZeRO-3), then the engine
+#   (calls 5-7 were typed inline: the rows without flex attention, FlashInfer and ours at DeepSeek's shape; see README)
+#   bash devrun.sh train3     call 8, a fresh machine after the LM-head fix: the single-process rows again, ZeRO-2
 # Everything a call makes goes to $OUT; /root/w keeps what later calls need.
 mode=$1; T0=$(date +%s)
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -38,5 +40,14 @@ train2)
   timeout 200 python3 benchmarks/decode.py --compile --grid 1x1024 64x8192 --hf_points --budget_gib 0 \
     --tiles $W/sweep.json --out $OUT/decode > $OUT/decode.log 2>&1; log "decode rc=$?"
   cp $W/train.json $W/train.md $OUT/ 2>/dev/null; tail -2 $OUT/train_zero3.log; tail -8 $OUT/decode.log ;;
+train3)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  B="benchmarks/train_throughput.py --shape 1b_8b --batch 8 --compile --steps 6 --warmup 3 --out $W/train"
+  for v in "--loss chunked" "--loss liger" "--loss liger --teacher_fp8" "--loss liger --documents --attn flex_attention"; do
+    timeout 150 python3 $B $v > $OUT/t.log 2>&1; log "single process $v rc=$?"; done
+  timeout 170 $A --zero_stage 2 $B --loss liger > $OUT/z2.log 2>&1; log "zero2 liger rc=$?"
+  timeout 150 python3 benchmarks/train_throughput.py --shape smollm2 --compile --documents --attn flex_attention \
+    --loss liger --steps 10 --warmup 4 --out $W/train > $OUT/s.log 2>&1; log "smollm2 single process rc=$?"
+  cp $W/train.json $W/train.md $OUT/ 2>/dev/null; tail -7 $W/train.md ;;
 esac
 log "done"
