@@ -182,7 +182,7 @@ def main(argv=None):
     if a.tiles:
         for layout, row in json.loads(Path(a.tiles).read_text())["best"].items():
             da.TILE[layout] = {k: row.get(k, False) for k in ("block_t", "num_warps", "num_stages", "programs_per_sm",
-                                                               "transposed", "fused_merge")}
+                                                               "transposed", "fused_merge", "balanced")}
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not a.smoke:
         raise SystemExit("benchmarks/decode.py measures a GPU; on CPU use --smoke.")

@@ -42,7 +42,7 @@ def bench(fn, reps=20):
     return sorted(times)[len(times) // 2]
 
 
-KEYS = ("programs_per_sm", "block_t", "num_warps", "num_stages", "transposed", "fused_merge")
+KEYS = ("programs_per_sm", "block_t", "num_warps", "num_stages", "transposed", "fused_merge", "balanced")
 
 
 def tiles(*grids):
@@ -51,10 +51,13 @@ def tiles(*grids):
 
 
 # tried per layout: the earlier formulation around its best tile, and the transposed one (tokens as the rows of the
-# matrix units) over tiles, warps, stages and splits; both with the merge pass and with the fused merge
-GRID = {"mla": tiles(([2, 4], [128], [4], [3], [False], [False, True]),
-                     ([1, 2, 3, 4], [64, 128, 256], [4, 8], [2, 3], [True], [False, True])),
-        "gqa": tiles(([2], [64], [4], [3], [False, True], [False]))}
+# matrix units) over tiles, warps, stages and splits; both with the merge pass and with the fused merge; and the
+# balanced grid (programs per SM = the grid, not splits)
+GRID = {"mla": tiles(([2, 4], [128], [4], [3], [False], [False, True], [False]),
+                     ([1, 2, 3, 4], [64, 128, 256], [4, 8], [2, 3], [True], [False, True], [False]),
+                     ([1, 2, 3, 4, 6, 8], [64, 128], [4], [2, 3], [False, True], [True], [True])),  # balanced grid
+        "gqa": tiles(([2], [64], [4], [3], [False, True], [False], [False]), ([1, 2, 4], [64], [4], [3], [False],
+                                                                              [True], [True]))}
 
 
 def main():
@@ -70,7 +73,7 @@ def main():
         ref = da.decode_attention(q, k, v, lengths, 0.1, backend="torch").float()
         for tile in GRID[layout]:
             da.TILE[layout] = dict(tile)
-            splits = da.default_num_splits(B, q.shape[1], da.multiprocessors(dev), layout)
+            splits = None if tile["balanced"] else da.default_num_splits(B, q.shape[1], da.multiprocessors(dev), layout)
             try:
                 err = float((da.decode_attention_triton(q, k, v, lengths, 0.1, splits).float() - ref).abs().max())
                 t = bench(lambda: da.decode_attention_triton(q, k, v, lengths, 0.1, splits))

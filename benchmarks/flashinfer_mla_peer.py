@@ -88,7 +88,7 @@ def main(argv=None):
     if a.tiles:
         best = json.loads(Path(a.tiles).read_text())["best"]["mla"]
         da.TILE["mla"] = {k: best.get(k, False) for k in ("block_t", "num_warps", "num_stages", "programs_per_sm",
-                                                          "transposed", "fused_merge")}
+                                                          "transposed", "fused_merge", "balanced")}
     try:
         import flashinfer
         fi_version = flashinfer.__version__

@@ -63,9 +63,12 @@ sys.path[:0] = [{repo!r}, {tests!r}]
 from test_decode_attention import _gqa_case, _mla_case, _mla_even_case
 from train_mla import decode_attention as da
 worst = 0.0
-for transposed, fused_merge in ((False, False), (True, False), (False, True), (True, True)):  # every formulation
+formulations = [dict(transposed=t, fused_merge=f, balanced=False) for t in (False, True) for f in (False, True)]
+formulations += [dict(transposed=t, fused_merge=True, balanced=True) for t in (False, True)]
+for form in formulations:  # every formulation; balanced: num_splits x rows programs share all tiles
     for layout in da.TILE:
-        da.TILE[layout].update(transposed=transposed, fused_merge=fused_merge)
+        da.TILE[layout].update(form)
+    fused_merge = form["fused_merge"]
     for case in (_mla_case, _mla_even_case, _gqa_case):
         for splits in (1, 2, 3, 7):
             q, k, v, lengths = case()

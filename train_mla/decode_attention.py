@@ -9,7 +9,8 @@ The same function serves both cache layouts of the inference engine:
 On CUDA a split-KV Triton kernel (flash-decoding: every (sequence, key head, split) is one program serving all
 query heads of that key head, each split keeps a running max and sum, and the splits are merged by a second small
 kernel, or by the last split of each sequence to finish (`fused_merge`), or not at all when there is one) reads each
-cache entry once. Elsewhere the
+cache entry once. `balanced_decode` is the same work scheduled differently: a fixed grid whose programs take equal
+shares of all the batch's tiles, across sequence boundaries (as FlashMLA's tile scheduler does). Elsewhere the
 plain PyTorch reference below computes the same thing; tests check the kernel against it under Triton's
 interpreter on CPU. Only positions t < lengths[b] of sequence b are attended to.
 """
@@ -120,24 +121,17 @@ def _build_kernel():
     globals()["attend_tile"] = attend_tile
 
     @triton.jit
-    def split_kv_decode(Q, Kc, Vc, Lens, Out, Acc, Max, Sum, Count,
-                        sq_b, sq_k, sq_g, sk_b, sk_t, sk_k, sv_b, sv_t, sv_k, so_b, so_k, so_g,
-                        G, DA, DB, DV, num_splits, qk_scale,
-                        BLOCK_G: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr,
-                        BLOCK_T: tl.constexpr, HAS_B: tl.constexpr, V_IS_KA: tl.constexpr, IEEE: tl.constexpr,
-                        EVEN_DA: tl.constexpr, EVEN_DB: tl.constexpr, EVEN_DV: tl.constexpr, SINGLE: tl.constexpr,
-                        TRANS: tl.constexpr, FUSED_MERGE: tl.constexpr):
-        # key columns = part A [0, DA) + part B [DA, DA + DB). MLA: A = latent (also the values), B = RoPE key.
-        b, kh, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        n_kh, n_s = tl.num_programs(1), tl.num_programs(2)
-        length = tl.load(Lens + b).to(tl.int32)
-        chunk = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_T) * BLOCK_T  # tokens per split, whole tiles
-        start = s * chunk
-        end = tl.minimum(start + chunk, length)
+    def attend_range(Q, Kc, Vc, b64, kh, start, end, sq_b, sq_k, sq_g, sk_b, sk_t, sk_k, sv_b, sv_t, sv_k, G, DA, DB,
+                     DV, qk_scale, BLOCK_G: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
+                     BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr, HAS_B: tl.constexpr, V_IS_KA: tl.constexpr,
+                     IEEE: tl.constexpr, EVEN_DA: tl.constexpr, EVEN_DB: tl.constexpr, EVEN_DV: tl.constexpr,
+                     TRANS: tl.constexpr):
+        # cached tokens [start, end) of one (sequence, key head), start on a tile boundary, for all its query heads:
+        # -> (acc [BLOCK_G, BLOCK_DV], running max, running sum). Key columns = part A [0, DA) + part B [DA, DA + DB);
+        # MLA: A = latent (also the values), B = RoPE key
         full_end = start + tl.maximum(end - start, 0) // BLOCK_T * BLOCK_T  # whole tiles: no mask on the tokens
         g = tl.arange(0, BLOCK_G)
-        da, db, dv = tl.arange(0, BLOCK_DA), tl.arange(0, BLOCK_DB), tl.arange(0, BLOCK_DV)
-        b64 = b.to(tl.int64)
+        da, db = tl.arange(0, BLOCK_DA), tl.arange(0, BLOCK_DB)
         q_row = Q + b64 * sq_b + kh * sq_k + g[:, None] * sq_g
         qa = tl.load(q_row + da[None, :], mask=(g[:, None] < G) & (da[None, :] < DA), other=0.0)  # [BLOCK_G, BLOCK_DA]
         qb = tl.load(q_row + DA + db[None, :], mask=(g[:, None] < G) & (db[None, :] < DB), other=0.0)  # [BLOCK_G, BLOCK_DB]
@@ -160,51 +154,140 @@ def _build_kernel():
                                         EVEN_DA, EVEN_DB, EVEN_DV, TRANS)
         if TRANS:
             acc = tl.trans(acc)  # [BLOCK_G, BLOCK_DV]
-        if SINGLE:  # one split: the normalised output directly, no merge pass
-            o = Out + b64 * so_b + kh * so_k + g[:, None] * so_g + dv[None, :]
-            tl.store(o, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=(g[:, None] < G) & (dv[None, :] < DV))
-        else:
-            row = ((b64 * n_kh + kh) * n_s + s) * BLOCK_G + g  # partials laid out [B, K, S, BLOCK_G, ...]
-            tl.store(Max + row, m_i)
-            tl.store(Sum + row, l_i)
-            tl.store(Acc + row[:, None] * BLOCK_DV + dv[None, :], acc)
-            if FUSED_MERGE:  # the last split of a (sequence, key head) to finish merges them all: no second launch
-                tl.debug_barrier()  # every thread's partials are written before the counter's (release) increment
-                done = tl.atomic_add(Count + b64 * n_kh + kh, 1, sem="acq_rel", scope="gpu")
-                if done == n_s - 1:
-                    merge_partials(Out, Acc, Max, Sum, b, kh, n_kh, so_b, so_k, so_g, G, DV, n_s, BLOCK_G, BLOCK_DV)
-                    tl.atomic_xchg(Count + b64 * n_kh + kh, 0, sem="relaxed", scope="gpu")  # ready for the next call
+        return acc, m_i, l_i
+
+    globals()["attend_range"] = attend_range
 
     @triton.jit
-    def merge_partials(Out, Acc, Max, Sum, b, kh, n_kh, so_b, so_k, so_g, G, DV, num_splits,
-                       BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr):
-        # the splits of one (sequence, key head): weight each by exp2(its max - the overall max); empty splits (max
-        # -inf) weigh 0. Loads bypass L1 (.cg): the partials were written by other programs of the same launch
+    def store_output(Out, o_off, acc, l_i, G, DV, BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr, so_g):
         g, dv = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_DV)
-        base = (b.to(tl.int64) * n_kh + kh) * num_splits * BLOCK_G
+        o = Out + o_off + g[:, None] * so_g + dv[None, :]
+        tl.store(o, (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=(g[:, None] < G) & (dv[None, :] < DV))
+
+    globals()["store_output"] = store_output
+
+    @triton.jit
+    def merge_partials(Out, Acc, Max, Sum, slot0, n_slots, o_off, so_g, G, DV,
+                       BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr):
+        # partials in slots slot0 .. slot0 + n_slots - 1 (rows (slot) * BLOCK_G + g): weight each by exp2(its max - the
+        # overall max); empty ones (max -inf) weigh 0. Loads bypass L1 (.cg): other programs of the launch wrote them
+        g, dv = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_DV)
+        base = slot0.to(tl.int64) * BLOCK_G
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        for s in range(num_splits):
+        for s in range(n_slots):
             m = tl.maximum(m, tl.load(Max + base + s * BLOCK_G + g, cache_modifier=".cg"))
         num = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
         den = tl.zeros([BLOCK_G], tl.float32)
-        for s in range(num_splits):
+        for s in range(n_slots):
             row = base + s * BLOCK_G + g
             w = tl.exp2(tl.load(Max + row, cache_modifier=".cg") - m)
             den += w * tl.load(Sum + row, cache_modifier=".cg")
             num += w[:, None] * tl.load(Acc + row[:, None] * BLOCK_DV + dv[None, :], cache_modifier=".cg")
-        o = Out + b.to(tl.int64) * so_b + kh * so_k + g[:, None] * so_g + dv[None, :]
-        tl.store(o, (num / den[:, None]).to(Out.dtype.element_ty), mask=(g[:, None] < G) & (dv[None, :] < DV))
+        store_output(Out, o_off, num, den, G, DV, BLOCK_G, BLOCK_DV, so_g)
 
     globals()["merge_partials"] = merge_partials
 
     @triton.jit
+    def store_partial(Out, Acc, Max, Sum, Count, acc, m_i, l_i, slot, counter, slot0, n_slots, o_off, so_g, G, DV,
+                      BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr, FUSED_MERGE: tl.constexpr):
+        # one piece of a (sequence, key head) into its slot; with FUSED_MERGE the last of its n_slots pieces to finish
+        # merges them all (no second launch) and puts the counter back to 0 for the next call
+        g, dv = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_DV)
+        row = slot.to(tl.int64) * BLOCK_G + g
+        tl.store(Max + row, m_i)
+        tl.store(Sum + row, l_i)
+        tl.store(Acc + row[:, None] * BLOCK_DV + dv[None, :], acc)
+        if FUSED_MERGE:
+            tl.debug_barrier()  # every thread's partials are written before the counter's (release) increment
+            done = tl.atomic_add(Count + counter, 1, sem="acq_rel", scope="gpu")
+            if done == n_slots - 1:
+                merge_partials(Out, Acc, Max, Sum, slot0, n_slots, o_off, so_g, G, DV, BLOCK_G, BLOCK_DV)
+                tl.atomic_xchg(Count + counter, 0, sem="relaxed", scope="gpu")
+
+    globals()["store_partial"] = store_partial
+
+    @triton.jit
+    def split_kv_decode(Q, Kc, Vc, Lens, Out, Acc, Max, Sum, Count,
+                        sq_b, sq_k, sq_g, sk_b, sk_t, sk_k, sv_b, sv_t, sv_k, so_b, so_k, so_g,
+                        G, DA, DB, DV, num_splits, qk_scale,
+                        BLOCK_G: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr,
+                        BLOCK_T: tl.constexpr, HAS_B: tl.constexpr, V_IS_KA: tl.constexpr, IEEE: tl.constexpr,
+                        EVEN_DA: tl.constexpr, EVEN_DB: tl.constexpr, EVEN_DV: tl.constexpr, SINGLE: tl.constexpr,
+                        TRANS: tl.constexpr, FUSED_MERGE: tl.constexpr):
+        # one program per (sequence, key head, split): every sequence is cut into num_splits equal runs of tiles
+        b, kh, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        n_kh, n_s = tl.num_programs(1), tl.num_programs(2)
+        length = tl.load(Lens + b).to(tl.int32)
+        chunk = tl.cdiv(tl.cdiv(length, num_splits), BLOCK_T) * BLOCK_T  # tokens per split, whole tiles
+        start = s * chunk
+        b64 = b.to(tl.int64)
+        acc, m_i, l_i = attend_range(Q, Kc, Vc, b64, kh, start, tl.minimum(start + chunk, length), sq_b, sq_k, sq_g,
+                                     sk_b, sk_t, sk_k, sv_b, sv_t, sv_k, G, DA, DB, DV, qk_scale, BLOCK_G, BLOCK_DA,
+                                     BLOCK_DB, BLOCK_DV, BLOCK_T, HAS_B, V_IS_KA, IEEE, EVEN_DA, EVEN_DB, EVEN_DV, TRANS)
+        o_off = b64 * so_b + kh * so_k
+        if SINGLE:  # one split: the normalised output directly, no merge pass
+            store_output(Out, o_off, acc, l_i, G, DV, BLOCK_G, BLOCK_DV, so_g)
+        else:  # partials laid out [B, K, S, BLOCK_G, ...]
+            pair = b64 * n_kh + kh
+            store_partial(Out, Acc, Max, Sum, Count, acc, m_i, l_i, pair * n_s + s, pair, pair * n_s, n_s, o_off, so_g,
+                          G, DV, BLOCK_G, BLOCK_DV, FUSED_MERGE)
+
+    @triton.jit
+    def balanced_decode(Q, Kc, Vc, Lens, Out, Acc, Max, Sum, Count,
+                        sq_b, sq_k, sq_g, sk_b, sk_t, sk_k, sv_b, sv_t, sv_k, so_b, so_k, so_g,
+                        R, K, G, DA, DB, DV, qk_scale,
+                        BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
+                        BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr, HAS_B: tl.constexpr, V_IS_KA: tl.constexpr,
+                        IEEE: tl.constexpr, EVEN_DA: tl.constexpr, EVEN_DB: tl.constexpr, EVEN_DV: tl.constexpr,
+                        TRANS: tl.constexpr):
+        # a fixed number P of programs (enough for every multiprocessor) shares all tiles of all R = B x K (sequence,
+        # key head) rows equally, in row order: program p takes tiles [p W / P, (p + 1) W / P) of the W in all, which
+        # may end one row and start the next. A row's pieces go to slots p + r (distinct for every (program, row)
+        # pair: at most P + R of them) and the last piece to finish merges them; a row in one piece is written
+        # directly. Every program derives the whole schedule from the lengths, so nothing is planned on the host
+        rows = tl.arange(0, BLOCK_R)
+        n = tl.cdiv(tl.load(Lens + rows // K, mask=rows < R, other=0).to(tl.int32), BLOCK_T)  # tiles per row
+        cum = tl.cumsum(n, 0)  # tiles up to and including each row
+        W = tl.sum(n, 0).to(tl.int64)
+        p = tl.program_id(0)
+        P = tl.minimum(tl.num_programs(0), W)  # at least one tile per program, so that every slot gets written
+        t = ((p * W) // P).to(tl.int32)
+        t_hi = tl.where(p < P, ((p + 1) * W) // P, t).to(tl.int32)  # programs past P have nothing to do
+        while t < t_hi:
+            r = tl.sum((cum <= t).to(tl.int32), 0)  # the row that holds tile t
+            r_end = tl.sum(tl.where(rows == r, cum, 0), 0)  # its last tile + 1
+            r_start = r_end - tl.sum(tl.where(rows == r, n, 0), 0)  # its first tile
+            piece_end = tl.minimum(t_hi, r_end)
+            b = r // K
+            kh = r - b * K
+            b64 = b.to(tl.int64)
+            length = tl.load(Lens + b).to(tl.int32)
+            acc, m_i, l_i = attend_range(Q, Kc, Vc, b64, kh, (t - r_start) * BLOCK_T,
+                                         tl.minimum((piece_end - r_start) * BLOCK_T, length), sq_b, sq_k, sq_g, sk_b,
+                                         sk_t, sk_k, sv_b, sv_t, sv_k, G, DA, DB, DV, qk_scale, BLOCK_G, BLOCK_DA,
+                                         BLOCK_DB, BLOCK_DV, BLOCK_T, HAS_B, V_IS_KA, IEEE, EVEN_DA, EVEN_DB, EVEN_DV,
+                                         TRANS)
+            # the programs holding the row's first and last tiles: the largest q with q W / P <= tile
+            first_p = (((r_start + 1).to(tl.int64) * P + W - 1) // W - 1).to(tl.int32)
+            last_p = ((r_end.to(tl.int64) * P + W - 1) // W - 1).to(tl.int32)
+            o_off = b64 * so_b + kh * so_k
+            if first_p == last_p:
+                store_output(Out, o_off, acc, l_i, G, DV, BLOCK_G, BLOCK_DV, so_g)
+            else:
+                store_partial(Out, Acc, Max, Sum, Count, acc, m_i, l_i, p + r, r, first_p + r, last_p - first_p + 1,
+                              o_off, so_g, G, DV, BLOCK_G, BLOCK_DV, True)
+            t = piece_end
+
+    @triton.jit
     def merge_splits(Out, Acc, Max, Sum, so_b, so_k, so_g, G, DV, num_splits,
                      BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr):
-        # the separate merge pass: one program per (sequence, key head)
-        merge_partials(Out, Acc, Max, Sum, tl.program_id(0), tl.program_id(1), tl.num_programs(1), so_b, so_k, so_g,
-                       G, DV, num_splits, BLOCK_G, BLOCK_DV)
+        # the separate merge pass of split_kv_decode: one program per (sequence, key head)
+        b, kh, n_kh = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+        pair = b.to(tl.int64) * n_kh + kh
+        merge_partials(Out, Acc, Max, Sum, pair * num_splits, num_splits, b.to(tl.int64) * so_b + kh * so_k, so_g, G,
+                       DV, BLOCK_G, BLOCK_DV)
 
-    return split_kv_decode, merge_splits
+    return split_kv_decode, merge_splits, balanced_decode
 
 
 def _next_pow2(n: int, floor: int = 16) -> int:
@@ -214,10 +297,12 @@ def _next_pow2(n: int, floor: int = 16) -> int:
 # per cache layout: tile sizes, and (sequence, key head, split) programs per multiprocessor that set the number of
 # splits; chosen by the sweep of benchmarks/decode_kernel_sweep.py on the H200 (docs/benchmarks.md, 2026-12-04:
 # MLA 50.9 us = 1.98 TB/s at batch 64 x 8k with these, 55.2 us with the earlier untransposed tile and merge pass)
+# balanced: a fixed grid of programs_per_sm x SMs programs sharing all tiles of the batch equally (balanced_decode)
+# instead of equal splits of every sequence
 TILE = {"mla": {"block_t": 128, "num_warps": 4, "num_stages": 3, "programs_per_sm": 1, "transposed": True,
-                "fused_merge": True},
+                "fused_merge": True, "balanced": False},
         "gqa": {"block_t": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2, "transposed": False,
-                "fused_merge": False}}
+                "fused_merge": False, "balanced": False}}
 LOG2E = 1.4426950408889634
 _COUNTERS: dict = {}  # per device: int32 zeros, one per (sequence, key head), for the fused merge; reset by the kernel
 
@@ -248,14 +333,28 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, num_splits: int
     BDV = BDA if v_is_prefix else _next_pow2(DV)
     layout = "mla" if v_is_prefix else "gqa"
     tile = TILE[layout]
+    explicit_splits = num_splits is not None
     num_splits = num_splits or default_num_splits(B, K, multiprocessors(q.device), layout)
     out = torch.empty(B, K, G, DV, device=q.device, dtype=q.dtype)
+    split_kv_decode, merge_splits, balanced_decode = kernel()
+    if tile.get("balanced", False):  # a fixed grid sharing all tiles equally (num_splits programs per row if given)
+        P = num_splits * B * K if explicit_splits else tile["programs_per_sm"] * multiprocessors(q.device)
+        acc = torch.empty(P + B * K, BG, BDV, device=q.device, dtype=torch.float32)  # slots p + r
+        mx = torch.empty(P + B * K, BG, device=q.device, dtype=torch.float32)
+        balanced_decode[(P,)](
+            q, k_cache, v_cache, lengths, out, acc, mx, torch.empty_like(mx), split_counters(q.device, B * K),
+            q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            B * K, K, G, DA, DB, DV, scale * LOG2E,
+            BLOCK_R=_next_pow2(B * K), BLOCK_G=BG, BLOCK_DA=BDA, BLOCK_DB=BDB, BLOCK_DV=BDV, BLOCK_T=tile["block_t"],
+            HAS_B=DB > 0, V_IS_KA=v_is_prefix, IEEE=q.dtype == torch.float32, EVEN_DA=DA == BDA, EVEN_DB=DB == BDB,
+            EVEN_DV=DV == BDV, TRANS=tile["transposed"], num_warps=tile["num_warps"], num_stages=tile["num_stages"])
+        return out
     acc = torch.empty(B, K, num_splits, BG, BDV, device=q.device, dtype=torch.float32)
     mx = torch.empty(B, K, num_splits, BG, device=q.device, dtype=torch.float32)
     sm = torch.empty_like(mx)
     fused_merge = num_splits > 1 and tile.get("fused_merge", False)
     count = split_counters(q.device, B * K) if fused_merge else mx
-    split_kv_decode, merge_splits = kernel()
     split_kv_decode[(B, K, num_splits)](
         q, k_cache, v_cache, lengths, out, acc, mx, sm, count,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

@@ -51,3 +51,5 @@ train3)
   cp $W/train.json $W/train.md $OUT/ 2>/dev/null; tail -7 $W/train.md ;;
 esac
 log "done"
+# call 11 (a fresh machine, nothing carried: torch and Triton of the image): the sweep again, with the balanced grid
+#   python3 benchmarks/decode_kernel_sweep.py $OUT/sweep_balanced.json
