@@ -295,12 +295,12 @@ def _next_pow2(n: int, floor: int = 16) -> int:
 
 
 # per cache layout: tile sizes, and (sequence, key head, split) programs per multiprocessor that set the number of
-# splits; chosen by the sweep of benchmarks/decode_kernel_sweep.py on the H200 (docs/benchmarks.md, 2026-12-04:
-# MLA 50.9 us = 1.98 TB/s at batch 64 x 8k with these, 55.2 us with the earlier untransposed tile and merge pass)
-# balanced: a fixed grid of programs_per_sm x SMs programs sharing all tiles of the batch equally (balanced_decode)
-# instead of equal splits of every sequence
-TILE = {"mla": {"block_t": 128, "num_warps": 4, "num_stages": 3, "programs_per_sm": 1, "transposed": True,
-                "fused_merge": True, "balanced": False},
+# splits; balanced: a fixed grid of programs_per_sm x SMs programs sharing all tiles of the batch equally
+# (balanced_decode) instead of equal splits of every sequence. Chosen by the sweep of benchmarks/decode_kernel_sweep.py
+# on the H200 (docs/benchmarks.md, 2026-12-04: MLA at batch 64 x 8k 48.7 us = 2.07 TB/s balanced, 50.3 us for the best
+# split tile, 55.1 us for the earlier default; the engine's batch-1 MLA step 1.68 ms against 2.08 ms)
+TILE = {"mla": {"block_t": 128, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2, "transposed": False,
+                "fused_merge": True, "balanced": True},
         "gqa": {"block_t": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2, "transposed": False,
                 "fused_merge": False, "balanced": False}}
 LOG2E = 1.4426950408889634
