@@ -218,3 +218,17 @@ def test_liger_loss_falls_back_to_chunked_off_a_gpu_and_under_zero3():
     note = fit_loss_to_machine(args, on_gpu=False, zero_stage=2)
     assert args.loss_implementation == "chunked" and "CPU" in note
     assert fit_loss_to_machine(args, on_gpu=False, zero_stage=2) is None  # nothing left to change
+
+
+def test_teacher_fp8_under_zero3_is_refused_before_any_model_loads():
+    from train_mla.recipe import RecipeError, check_teacher_fp8
+
+    args = parse_recipe(DISTILL, [str(REPO / "smollm2_135M/mla_kv_rank_80_rope_16.yaml"), "--output_dir", "unused",
+                                  "--bf16", "false", "--use_cpu", "true", "--teacher_fp8", "true"])[-1]
+    assert args.teacher_fp8
+    check_teacher_fp8(args, on_gpu=False, zero_stage=2)  # CPU (torch._scaled_mm runs there) and ZeRO-2: fine
+    check_teacher_fp8(args, on_gpu=False, zero_stage=None)
+    with pytest.raises(RecipeError, match="teacher_fp8.*ZeRO-3"):
+        check_teacher_fp8(args, on_gpu=False, zero_stage=3)
+    args.teacher_fp8 = False
+    check_teacher_fp8(args, on_gpu=False, zero_stage=3)  # off: nothing to check

@@ -69,13 +69,10 @@ class DistillTrainer(Trainer):
 
     def _teacher_to_fp8(self):
         from .fp8_teacher import quantize_teacher_fp8
+        from .recipe import check_teacher_fp8
 
-        if self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-            raise ValueError("teacher_fp8: true replaces the teacher's linear weights, which ZeRO-3 partitions: use "
-                             "--zero_stage 2 (one GPU, or a teacher that fits each GPU) or teacher_fp8: false")
-        if self.args.device.type == "cuda" and torch.cuda.get_device_capability(self.args.device) < (8, 9):
-            raise ValueError(f"teacher_fp8: true needs FP8 matrix units (compute capability >= 8.9); "
-                             f"{torch.cuda.get_device_name(self.args.device)} has none: set teacher_fp8: false")
+        zero_stage = self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else None
+        check_teacher_fp8(self.args, self.args.device.type == "cuda", zero_stage)  # train_distill.py checked it first
         n = quantize_teacher_fp8(self._bare(self.teacher))
         logger.info(f"Teacher: {n} decoder linear layers in FP8 (e4m3, row-wise scales); head and embeddings bf16")
 

@@ -403,6 +403,21 @@ def fit_loss_to_machine(args, on_gpu: bool, zero_stage: int | None) -> str | Non
     return None
 
 
+def check_teacher_fp8(args, on_gpu: bool, zero_stage: int | None) -> None:
+    """teacher_fp8: true before any model loads: not under ZeRO-3 (it partitions the weights FP8 replaces), and on a
+    GPU only one with FP8 matrix units (compute capability >= 8.9)."""
+    if not getattr(args, "teacher_fp8", False):
+        return
+    if zero_stage == 3:
+        raise RecipeError("teacher_fp8: true replaces the teacher's linear weights, which ZeRO-3 partitions: add "
+                          "--zero_stage 2 (one GPU, or a teacher that fits each GPU) or set teacher_fp8: false")
+    import torch
+
+    if on_gpu and torch.cuda.get_device_capability() < (8, 9):
+        raise RecipeError(f"teacher_fp8: true needs FP8 matrix units (compute capability >= 8.9); "
+                          f"{torch.cuda.get_device_name()} has none: set teacher_fp8: false")
+
+
 def start_run(types_, argv, description: str):
     """Shared start of the training scripts: parse the recipe (gloo on CPU when distributed), decide where to
     resume, set up logging and the seed. Returns (*dataclasses, checkpoint to resume from or None)."""
@@ -440,6 +455,7 @@ def start_run(types_, argv, description: str):
     zero_stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")  # set by accelerate launch with a DeepSpeed config
     if note := fit_loss_to_machine(args, gpu and not args.use_cpu, int(zero_stage) if zero_stage else None):
         logging.getLogger("train_mla").info(note)
+    check_teacher_fp8(args, gpu and not args.use_cpu, int(zero_stage) if zero_stage else None)
     return (*parsed, checkpoint)
 
 
