@@ -12,7 +12,8 @@ kernel, or by the last split of each sequence to finish (`fused_merge`), or not 
 cache entry once. `balanced_decode` is the same work scheduled differently: a fixed grid whose programs take equal
 shares of all the batch's tiles, across sequence boundaries (as FlashMLA's tile scheduler does). Elsewhere the
 plain PyTorch reference below computes the same thing; tests check the kernel against it under Triton's
-interpreter on CPU. Only positions t < lengths[b] of sequence b are attended to.
+interpreter on CPU. Only positions t < lengths[b] of sequence b are attended to; every length is at least 1 (a decode
+step always has the new token).
 """
 
 import importlib.util
