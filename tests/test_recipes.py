@@ -202,6 +202,11 @@ def test_flex_attention_recipes_train_through_sdpa_without_a_gpu():
     assert fit_attention_to_machine(model_args, on_gpu=True) is None  # a GPU run keeps it
     assert model_args.attn_implementation == "flex_attention"
     assert fit_attention_to_machine(model_args, on_gpu=False) and model_args.attn_implementation == "sdpa"  # use_cpu
+    for zero_stage, compiled, kept in ((2, True, True), (None, True, True), (3, False, True), (3, True, False)):
+        model_args.attn_implementation = "flex_attention"
+        note = fit_attention_to_machine(model_args, on_gpu=True, zero_stage=zero_stage, compiled=compiled)
+        assert (model_args.attn_implementation == "flex_attention") == kept and (note is None) == kept
+    assert "ZeRO-3" in note and "--zero_stage 2" in note  # compiled layers under ZeRO-3: SDPA, and how to keep flex
 
 
 def test_liger_loss_falls_back_to_chunked_off_a_gpu_and_under_zero3():

@@ -379,15 +379,25 @@ def _alive(pid) -> bool:
     return True
 
 
-def fit_attention_to_machine(model_args, on_gpu: bool | None = None) -> str | None:
+def fit_attention_to_machine(model_args, on_gpu: bool | None = None, zero_stage: int | None = None,
+                             compiled: bool = False) -> str | None:
     """flex_attention has no backward pass on a CPU: off a GPU (none found, or use_cpu) the same attention runs
-    through SDPA (same document masks, same results). Returns the line that says so, or None when nothing changed."""
+    through SDPA (same document masks, same results). Nor does it compile inside ZeRO-3's hooked layers (Inductor's
+    `LoweringException: ... 'floor' and 'Add'` on the H200, torch 2.11: docs/bench_h200_2026-12-04/
+    train_zero3_flex_failure.log): with compiled layers under ZeRO-3, SDPA too. Returns the line that says so, or None
+    when nothing changed."""
     import torch
 
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
-    if getattr(model_args, "attn_implementation", None) == "flex_attention" and not on_gpu:
+    if getattr(model_args, "attn_implementation", None) != "flex_attention":
+        return None
+    if not on_gpu:
         model_args.attn_implementation = "sdpa"
         return "Training on the CPU: attn_implementation flex_attention -> sdpa (flex attention trains only on a GPU)"
+    if zero_stage == 3 and compiled:
+        model_args.attn_implementation = "sdpa"
+        return ("ZeRO-3 with compiled layers: attn_implementation flex_attention -> sdpa (the two fail to compile "
+                "together; on one GPU --zero_stage 2 keeps flex attention)")
     return None
 
 
@@ -450,9 +460,13 @@ def start_run(types_, argv, description: str):
     if "use_cpu" in defaults and args.use_cpu:
         logging.getLogger("train_mla").info(
             f"No GPU found: training on the CPU (use_cpu: true), {'bf16 autocast' if args.bf16 else 'float32'} compute")
-    for note in filter(None, (fit_attention_to_machine(p, gpu and not args.use_cpu) for p in parsed[:-1])):
-        logging.getLogger("train_mla").info(note)
     zero_stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")  # set by accelerate launch with a DeepSpeed config
+    on_gpu = gpu and not args.use_cpu
+    compile_layers = getattr(args, "compile_layers", False)  # stage 1's key (null = on when training on a GPU)
+    compiled = on_gpu and (compile_layers is None or bool(compile_layers))
+    for note in filter(None, (fit_attention_to_machine(p, on_gpu, int(zero_stage) if zero_stage else None, compiled)
+                              for p in parsed[:-1])):
+        logging.getLogger("train_mla").info(note)
     if note := fit_loss_to_machine(args, gpu and not args.use_cpu, int(zero_stage) if zero_stage else None):
         logging.getLogger("train_mla").info(note)
     check_teacher_fp8(args, gpu and not args.use_cpu, int(zero_stage) if zero_stage else None)
