@@ -318,9 +318,10 @@ def split_counters(device: torch.device, n: int) -> torch.Tensor:
 
 
 def decode_attention_triton(q, k_cache, v_cache, lengths, scale, num_splits: int | None = None):
-    """Split-KV kernel, then one merge kernel for the splits (none when there is one split, or when TILE[layout] has
-    fused_merge: the last split to finish merges); num_splits None = enough programs for every multiprocessor
-    (default_num_splits).
+    """TILE[layout]["balanced"]: balanced_decode over a fixed grid of programs_per_sm x SMs programs (num_splits x
+    rows of them when num_splits is given). Otherwise the split-KV kernel, then one merge kernel for the splits (none
+    when there is one split, or with fused_merge: the last split to finish merges); num_splits None = enough programs
+    for every multiprocessor (default_num_splits).
 
     When v_cache is the first columns of k_cache (MLA's latent), each tile is loaded once for scores and values."""
     B, K, G, DK = q.shape
@@ -334,37 +335,31 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, num_splits: int
     BDV = BDA if v_is_prefix else _next_pow2(DV)
     layout = "mla" if v_is_prefix else "gqa"
     tile = TILE[layout]
-    explicit_splits = num_splits is not None
-    num_splits = num_splits or default_num_splits(B, K, multiprocessors(q.device), layout)
     out = torch.empty(B, K, G, DV, device=q.device, dtype=q.dtype)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+               v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), out.stride(2))
+    shapes = dict(BLOCK_G=BG, BLOCK_DA=BDA, BLOCK_DB=BDB, BLOCK_DV=BDV, BLOCK_T=tile["block_t"], HAS_B=DB > 0,
+                  V_IS_KA=v_is_prefix, IEEE=q.dtype == torch.float32, EVEN_DA=DA == BDA, EVEN_DB=DB == BDB,
+                  EVEN_DV=DV == BDV, TRANS=tile["transposed"], num_warps=tile["num_warps"],
+                  num_stages=tile["num_stages"])
     split_kv_decode, merge_splits, balanced_decode = kernel()
-    if tile.get("balanced", False):  # a fixed grid sharing all tiles equally (num_splits programs per row if given)
-        P = num_splits * B * K if explicit_splits else tile["programs_per_sm"] * multiprocessors(q.device)
+    if tile["balanced"]:
+        P = num_splits * B * K if num_splits else tile["programs_per_sm"] * multiprocessors(q.device)
         acc = torch.empty(P + B * K, BG, BDV, device=q.device, dtype=torch.float32)  # slots p + r
         mx = torch.empty(P + B * K, BG, device=q.device, dtype=torch.float32)
-        balanced_decode[(P,)](
-            q, k_cache, v_cache, lengths, out, acc, mx, torch.empty_like(mx), split_counters(q.device, B * K),
-            q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            B * K, K, G, DA, DB, DV, scale * LOG2E,
-            BLOCK_R=_next_pow2(B * K), BLOCK_G=BG, BLOCK_DA=BDA, BLOCK_DB=BDB, BLOCK_DV=BDV, BLOCK_T=tile["block_t"],
-            HAS_B=DB > 0, V_IS_KA=v_is_prefix, IEEE=q.dtype == torch.float32, EVEN_DA=DA == BDA, EVEN_DB=DB == BDB,
-            EVEN_DV=DV == BDV, TRANS=tile["transposed"], num_warps=tile["num_warps"], num_stages=tile["num_stages"])
+        balanced_decode[(P,)](q, k_cache, v_cache, lengths, out, acc, mx, torch.empty_like(mx),
+                              split_counters(q.device, B * K), *strides, B * K, K, G, DA, DB, DV, scale * LOG2E,
+                              BLOCK_R=_next_pow2(B * K), **shapes)
         return out
+    num_splits = num_splits or default_num_splits(B, K, multiprocessors(q.device), layout)
     acc = torch.empty(B, K, num_splits, BG, BDV, device=q.device, dtype=torch.float32)
     mx = torch.empty(B, K, num_splits, BG, device=q.device, dtype=torch.float32)
     sm = torch.empty_like(mx)
-    fused_merge = num_splits > 1 and tile.get("fused_merge", False)
+    fused_merge = num_splits > 1 and tile["fused_merge"]
     count = split_counters(q.device, B * K) if fused_merge else mx
-    split_kv_decode[(B, K, num_splits)](
-        q, k_cache, v_cache, lengths, out, acc, mx, sm, count,
-        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        G, DA, DB, DV, num_splits, scale * LOG2E,
-        BLOCK_G=BG, BLOCK_DA=BDA, BLOCK_DB=BDB, BLOCK_DV=BDV, BLOCK_T=tile["block_t"], HAS_B=DB > 0,
-        V_IS_KA=v_is_prefix, IEEE=q.dtype == torch.float32, EVEN_DA=DA == BDA, EVEN_DB=DB == BDB,
-        EVEN_DV=DV == BDV, SINGLE=num_splits == 1, TRANS=tile["transposed"], FUSED_MERGE=fused_merge,
-        num_warps=tile["num_warps"], num_stages=tile["num_stages"])
+    split_kv_decode[(B, K, num_splits)](q, k_cache, v_cache, lengths, out, acc, mx, sm, count, *strides,
+                                        G, DA, DB, DV, num_splits, scale * LOG2E, SINGLE=num_splits == 1,
+                                        FUSED_MERGE=fused_merge, **shapes)
     if num_splits > 1 and not fused_merge:
         merge_splits[(B, K)](out, acc, mx, sm, out.stride(0), out.stride(1), out.stride(2), G, DV, num_splits,
                              BLOCK_G=BG, BLOCK_DV=BDV, num_warps=4)
