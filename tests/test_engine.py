@@ -5,14 +5,15 @@ import torch
 
 from conftest import tiny_llama
 from train_mla.arguments import MLAArguments
+from train_mla import engine as engine_module
 from train_mla.engine import Engine
 from train_mla.kv_cache_size import kv_cache_table
 from train_mla.upcycle import upcycle
 
 
-def _mla(mla_layers=None, decode_path="absorbed", rope_init="keep_pairs", norm=False):
+def _mla(mla_layers=None, decode_path="absorbed", rope_init="keep_pairs", norm=False, q_lora_rank=24):
     src = tiny_llama()
-    args = MLAArguments(q_lora_rank=24, kv_lora_rank=12, qk_rope_head_dim=8, rope_init=rope_init, mla_layers=mla_layers,
+    args = MLAArguments(q_lora_rank=q_lora_rank, kv_lora_rank=12, qk_rope_head_dim=8, rope_init=rope_init, mla_layers=mla_layers,
                         mla_decode_path=decode_path, use_lora_layer_norm=norm)
     return src.double(), upcycle(src, args, log=lambda *_: None).double().eval()
 
@@ -41,12 +42,27 @@ def test_greedy_equals_transformers_generate_for_each_prompt_of_a_mixed_batch(wh
     assert [alone.generate([p], max_new_tokens=14)[0] for p in prompts] == batched
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_prefill_and_absorbed_decode_logits_equal_the_full_forward(attn):
-    _, model = _mla()
+@pytest.mark.parametrize("case", ["mla", "mla_eager", "mla_unfolded", "mla_full_q", "mla_full_q_unfolded", "llama_bias"])
+def test_prefill_and_absorbed_decode_logits_equal_the_full_forward(case, monkeypatch):
+    """Every path of the decode layer: the absorption folded into the weights or applied per step (FOLD_LIMIT 0),
+    a low-rank or a full-rank query, and merged projections with biases (a Llama with attention and MLP biases)."""
+    if case == "llama_bias":
+        model = tiny_llama(attention_bias=True, mlp_bias=True).double()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.3)
+    else:
+        model = _mla(q_lora_rank=None if "full_q" in case else 24)[1]
+    if "unfolded" in case:
+        monkeypatch.setattr(engine_module, "FOLD_LIMIT", 0.0)
+    attn = "eager" if "eager" in case else "sdpa"
     model.config._attn_implementation = attn
     prompts = _prompts((6, 3))
     engine = Engine(model, max_batch_size=2, max_seq_len=32)
+    if case.startswith("mla"):
+        folded = engine.caches[0].w_uk is None and engine.caches[0].w_o is not None
+        assert folded == ("unfolded" not in case)
     tol = 1e-9 if attn == "sdpa" else 1e-5  # transformers' eager attention takes its softmax in float32
     with torch.no_grad():
         logits = engine.prefill(prompts, [0, 1])
@@ -60,6 +76,32 @@ def test_prefill_and_absorbed_decode_logits_equal_the_full_forward(attn):
                 seqs[b].append(int(tokens[b]))
             logits = engine.decode(tokens, positions)
             positions = positions + 1
+
+
+def test_merged_projections_are_the_models_own_weights():
+    """Building an engine stores no second copy of the projections it merges, and leaves the model's outputs as
+    they were."""
+    _, model = _mla()
+    ids = torch.tensor([_prompts((7,))[0]])
+    with torch.no_grad():
+        before = model(ids).logits
+        engine = Engine(model, max_batch_size=1, max_seq_len=16)
+        after = model(ids).logits
+    assert torch.equal(before, after)
+    layer, cache, mlp = model.model.layers[0], engine.caches[0], engine.mlps[0]
+    assert layer.mlp.up_proj.weight.data_ptr() == mlp.weight[mlp.width:].data_ptr()
+    assert layer.self_attn.kv_a_proj_with_mqa.weight.data_ptr() == cache.w_in[cache.q_width:].data_ptr()
+
+
+def test_compiled_decode_layers_give_the_same_tokens():
+    """torch.compile of the decode layer (the cache write inside the compiled graph, the attention an opaque
+    operator) against the eager engine and transformers' generate."""
+    src, mla = _mla(mla_layers=[0, 2])  # hybrid: both layer kinds compiled
+    prompts = _prompts((5, 9))
+    eager = Engine(mla, max_batch_size=2, max_seq_len=24).generate(prompts, max_new_tokens=8)
+    compiled_engine = Engine(mla, max_batch_size=2, max_seq_len=24, compile=True)
+    assert compiled_engine.generate(prompts, max_new_tokens=8) == eager
+    assert eager == [_hf_greedy(mla, p, 8) for p in prompts]
 
 
 @pytest.mark.parametrize("layers", [None, [1]])

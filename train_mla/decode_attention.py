@@ -388,3 +388,21 @@ def decode_attention(q, k_cache, v_cache, lengths, scale, num_splits: int | None
     if backend == "torch" or (backend == "auto" and not use_triton(q.device)):
         return decode_attention_reference(q, k_cache, v_cache, lengths, scale)
     return decode_attention_triton(q, k_cache, v_cache, lengths, scale, num_splits)
+
+
+@torch.library.custom_op("train_mla::cached_decode_attention", mutates_args=())
+def cached_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor | None, lengths: torch.Tensor,
+                            scale: float, value_width: int, backend: str) -> torch.Tensor:
+    """`decode_attention` over the first B = q.shape[0] slots of whole cache tensors, as one opaque operator, so that
+    `torch.compile` of a decode layer neither traces into the kernel launch nor copies the cache around it.
+
+    v_cache None: the values are the first `value_width` columns of k_cache (MLA's latent)."""
+    k = k_cache[: q.shape[0]]
+    v = k[..., :value_width] if v_cache is None else v_cache[: q.shape[0]]
+    return decode_attention(q, k, v, lengths, scale, backend=backend)
+
+
+@cached_decode_attention.register_fake
+def _(q, k_cache, v_cache, lengths, scale, value_width, backend):
+    B, K, G, _ = q.shape
+    return q.new_empty(B, K, G, value_width if v_cache is None else v_cache.shape[-1])

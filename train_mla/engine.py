@@ -5,34 +5,107 @@
 * decode: one token per sequence per step over that cache. MLA layers attend in the absorbed "MQA mode" directly
   over the latent rows [c_kv | k_pe] (FlashMLA's layout); GQA layers over a K/V cache. Both use the split-KV
   kernel of `decode_attention.py`, so each step reads every cached entry once;
-* on CUDA a decode step of a given batch size is captured once as a CUDA graph and replayed (optionally after
-  `torch.compile`, which fuses the small element-wise ops between the matmuls).
+* a decode layer is a few matrix products with everything else between them fused: the projections that read the
+  same input are one matrix (MLA: q_a | kv_a, GQA: q | k | v, MLP: gate | up; the model's own weights become views
+  of it, so nothing is stored twice), and where it costs at most `FOLD_LIMIT` times the weights it replaces the
+  latent absorption is folded into the weights once (W_uk into the query projection, W_uv into o_proj);
+* on CUDA a decode step of a given batch size is captured once as a CUDA graph and replayed; with `compile=True`
+  each layer is compiled by `torch.compile`, which fuses the norms, RoPE, the cache write and the residual adds
+  into the few kernels between the matrix products (the attention kernel is one opaque operator to it).
 
 Sequences of one batch may have different prompt lengths; each has its own position and length. The cache is
 per layer: MLA [slots, T, 1, r + d_r], GQA K and V [slots, T, K, d]; its bytes per token equal
 `kv_cache_size.kv_elements_per_layer` times the element size, which the tests check on the allocated tensors.
+The engine reads the model's weights when it is built: a model changed afterwards needs a new engine.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .decode_attention import decode_attention, kernel, use_triton
+from .decode_attention import cached_decode_attention, kernel, use_triton
 from .mla_attention import MLAAttention, apply_rope
+
+FOLD_LIMIT = 1.5  # fold the absorption into a weight when the folded weight has at most 1.5x the elements it replaces
 
 
 def _at_least_fp32(logits):
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
+@torch.no_grad()
+def merge_rows(*parts):
+    """One weight [sum of rows, in] (and bias, or None) from Linear modules or (weight, bias) pairs, in order. Each
+    Linear's weight and bias become views of their rows of it (same values, one copy in memory)."""
+    pairs = [(p.weight, p.bias) if isinstance(p, nn.Linear) else p for p in parts]
+    weight = torch.cat([w for w, _ in pairs])
+    bias = None
+    if any(b is not None for _, b in pairs):
+        bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in pairs])
+    row = 0
+    for p, (w, _) in zip(parts, pairs):
+        n = w.shape[0]
+        if isinstance(p, nn.Linear):
+            p.weight.data = weight[row: row + n]
+            if p.bias is not None:
+                p.bias.data = bias[row: row + n]
+        row += n
+    return weight, bias
+
+
+class MergedMLP:
+    """Llama's MLP with gate_proj and up_proj as one matrix product."""
+
+    def __init__(self, mlp: nn.Module):
+        self.mlp, self.width = mlp, mlp.gate_proj.weight.shape[0]
+        self.weight, self.bias = merge_rows(mlp.gate_proj, mlp.up_proj)  # [2I, D]
+
+    def __call__(self, x):
+        gate, up = F.linear(x, self.weight, self.bias).split(self.width, -1)  # [B, I] x 2
+        return self.mlp.down_proj(self.mlp.act_fn(gate) * up)
+
+
 class LatentCache:
-    """Cache of one MLA layer: per token the latent c_kv (r values) then the rotated RoPE key k_pe (d_r)."""
+    """Cache of one MLA layer (per token the latent c_kv, r values, then the rotated RoPE key k_pe, d_r) and the
+    layer's decode weights."""
 
     def __init__(self, attn: MLAAttention, slots: int, length: int, dtype, device):
         self.attn, self.slots = attn, None
-        H, r, d_n, d_v = attn.num_heads, attn.kv_lora_rank, attn.qk_nope_head_dim, attn.v_head_dim
-        self.data = torch.zeros(slots, length, 1, r + attn.qk_rope_head_dim, dtype=dtype, device=device)
-        w = attn.kv_b_proj.weight.view(H, d_n + d_v, r)
-        self.w_uk, self.w_uv = w[:, :d_n], w[:, d_n:]  # [H, d_n, r] folded into q, [H, d_v, r] into the output
+        H, r, d_n, d_r, d_v = attn.num_heads, attn.kv_lora_rank, attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.v_head_dim
+        self.data = torch.zeros(slots, length, 1, r + d_r, dtype=dtype, device=device)
+        self._fold_weights(H, r, d_n, d_r, d_v)
+
+    @torch.no_grad()
+    def _fold_weights(self, H, r, d_n, d_r, d_v):
+        a = self.attn
+        wt = a.kv_b_proj.weight
+        exact = torch.promote_types(wt.dtype, torch.float32)  # folded in fp32 (fp64 stays fp64), stored as the weights
+        w_kb = wt.view(H, d_n + d_v, r)
+        w_uk, w_uv = w_kb[:, :d_n], w_kb[:, d_n:]  # [H, d_n, r] folded into q, [H, d_v, r] into the output
+        q_lin = a.q_proj if a.q_lora_rank is None else a.q_b_proj
+        w_q = q_lin.weight.view(H, d_n + d_r, -1)  # [H, d_n + d_r, in]
+        fold_q = H * (r + d_r) * w_q.shape[-1] <= FOLD_LIMIT * (w_q.numel() + w_uk.numel())
+        D = a.o_proj.weight.shape[0]
+        fold_o = D * H * r <= FOLD_LIMIT * (D * H * d_v + w_uv.numel())
+        if fold_q:  # per head: q_lat = W_uk^T W_q_nope x, so [W_uk^T W_q_nope ; W_q_pe] [H, r + d_r, in]
+            q_lat = torch.einsum("hdr,hdi->hri", w_uk.to(exact), w_q[:, :d_n].to(exact)).to(wt.dtype)
+            w_q = torch.cat([q_lat, w_q[:, d_n:]], 1).reshape(H * (r + d_r), -1)
+        self.w_uk = None if fold_q else w_uk
+        q_part = q_lin if not fold_q else (w_q, None)
+        if a.q_lora_rank is None:  # the query comes straight from x: one matrix with the latent projection
+            self.w_q = None
+            self.w_in, self.b_in = merge_rows(q_part, a.kv_a_proj_with_mqa)
+            self.q_width = q_lin.weight.shape[0] if not fold_q else w_q.shape[0]
+        else:  # [q_a | kv_a] from x, then the (absorbed) q_b from the normed q_a
+            self.w_q = q_lin.weight if not fold_q else w_q
+            self.w_in, self.b_in = merge_rows(a.q_a_proj, a.kv_a_proj_with_mqa)
+            self.q_width = a.q_lora_rank
+        if fold_o:  # o_proj(W_uv o_lat) = (W_o W_uv) o_lat: [D, H, d_v] x [H, d_v, r] -> [D, H * r]
+            w_o = a.o_proj.weight.view(D, H, d_v).to(exact)
+            self.w_o = torch.einsum("dhv,hvr->dhr", w_o, w_uv.to(exact)).reshape(D, H * r).to(wt.dtype)
+            self.w_uv = None
+        else:
+            self.w_o, self.w_uv = None, w_uv
 
     def tensors(self):
         return [self.data]
@@ -43,43 +116,42 @@ class LatentCache:
         self.data[self.slots, :L] = torch.cat([c_kv, k_pe], -1).transpose(1, 2).to(self.data.dtype)
         return c_kv, k_pe
 
-    def project(self, x, cos, sin):
-        """x [B, D] (normed hidden state of the new tokens), cos/sin [B, d_r] -> absorbed query, new cache row."""
+    def decode(self, x, cos, sin, positions, backend):
+        """x [B, D] (normed hidden state of the new tokens), cos/sin [B, d_r], positions [B] -> attention output
+        [B, D]. Writes the new tokens' rows at `positions` first."""
         a = self.attn
         B, H, r, d_n, d_r = x.shape[0], a.num_heads, a.kv_lora_rank, a.qk_nope_head_dim, a.qk_rope_head_dim
-        q = a.q_proj(x) if a.q_lora_rank is None else a.q_b_proj(a.q_a_layernorm(a.q_a_proj(x)))
-        q_nope, q_pe = q.view(B, H, 1, d_n + d_r).split([d_n, d_r], -1)  # [B, H, 1, d_n], [B, H, 1, d_r]
-        c_kv, k_pe = a.kv_a_proj_with_mqa(x).split([r, d_r], -1)  # [B, r], [B, d_r]
-        c_kv = a.kv_a_layernorm(c_kv)
+        q, c_kv, k_pe = F.linear(x, self.w_in, self.b_in).split([self.q_width, r, d_r], -1)  # [B, q_width], [B, r], [B, d_r]
+        if self.w_q is not None:
+            q = F.linear(a.q_a_layernorm(q), self.w_q)
+        q = q.view(B, H, -1)  # [B, H, r + d_r] absorbed, or [B, H, d_n + d_r]
+        if self.w_uk is None:
+            q_lat, q_pe = q.split([r, d_r], -1)
+        else:
+            q_nope, q_pe = q.split([d_n, d_r], -1)
+            q_lat = torch.einsum("bhd,hdr->bhr", q_nope, self.w_uk)  # [B, H, r]
         cos, sin = cos[:, None], sin[:, None]  # [B, 1, d_r]
-        q_pe = apply_rope(q_pe, cos, sin, a.config.rope_interleave)[:, :, 0]  # [B, H, d_r]
+        q_pe = apply_rope(q_pe[:, :, None], cos, sin, a.config.rope_interleave)[:, :, 0]  # [B, H, d_r]
         k_pe = apply_rope(k_pe[:, None, None], cos, sin, a.config.rope_interleave)[:, 0, 0]  # [B, d_r]
-        q_lat = torch.einsum("bhd,hdr->bhr", q_nope[:, :, 0], self.w_uk)  # [B, H, r]
+        row = torch.cat([a.kv_a_layernorm(c_kv), k_pe], -1)  # [B, r + d_r]
+        self.data[torch.arange(B, device=x.device), positions, 0] = row.to(self.data.dtype)
         q_abs = torch.cat([q_lat, q_pe], -1)[:, None].to(self.data.dtype)  # [B, 1, H, r + d_r]: one key head
-        return q_abs, torch.cat([c_kv, k_pe], -1).to(self.data.dtype)  # row: [B, r + d_r]
-
-    def attend(self, q_abs, row, positions, backend):
-        """Write the new rows at `positions`, attend over each sequence's rows -> o_lat [B, 1, H, r]."""
-        B, r = q_abs.shape[0], self.attn.kv_lora_rank
-        self.data[torch.arange(B, device=row.device), positions, 0] = row
-        cache = self.data[:B]  # [B, T, 1, r + d_r]
-        return decode_attention(q_abs, cache, cache[..., :r], positions + 1, self.attn.scaling, backend=backend)
-
-    def finish(self, o_lat):
-        """o_lat [B, 1, H, r] -> attention output [B, D]: the value up-projection, then o_proj."""
-        a = self.attn
+        o_lat = cached_decode_attention(q_abs, self.data, None, positions + 1, a.scaling, r, backend)  # [B, 1, H, r]
+        if self.w_o is not None:
+            return F.linear(o_lat.reshape(B, H * r).to(self.w_o.dtype), self.w_o, a.o_proj.bias)
         out = torch.einsum("bhr,hvr->bhv", o_lat[:, 0].to(self.w_uv.dtype), self.w_uv)  # [B, H, d_v]
-        return a.o_proj(out.reshape(out.shape[0], -1))
+        return a.o_proj(out.reshape(B, -1))
 
 
 class KVCache:
-    """Cache of one GQA (Llama) layer: rotated keys and values, [slots, T, K, d] each."""
+    """Cache of one GQA (Llama) layer: rotated keys and values, [slots, T, K, d] each; q | k | v as one matrix."""
 
     def __init__(self, attn: nn.Module, slots: int, length: int, dtype, device):
         K, d = attn.config.num_key_value_heads, attn.head_dim
         self.attn, self.slots, self.kv_heads = attn, None, K
         self.k = torch.zeros(slots, length, K, d, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
+        self.w_qkv, self.b_qkv = merge_rows(attn.q_proj, attn.k_proj, attn.v_proj)  # [(H + 2K) d, D]
 
     def tensors(self):
         return [self.k, self.v]
@@ -91,25 +163,21 @@ class KVCache:
         self.v[self.slots, :L] = v.transpose(1, 2).to(self.v.dtype)
         return k, v
 
-    def project(self, x, cos, sin):
-        """x [B, D], cos/sin [B, d] (Llama's full-head RoPE) -> grouped query [B, K, G, d], new (k, v) [B, K, d]."""
+    def decode(self, x, cos, sin, positions, backend):
+        """x [B, D], cos/sin [B, d] (Llama's full-head RoPE), positions [B] -> attention output [B, D]; writes the new
+        keys and values at `positions` first."""
         a = self.attn
         B, d, K = x.shape[0], a.head_dim, self.kv_heads
         H = a.config.num_attention_heads
-        q, k, v = a.q_proj(x).view(B, H, 1, d), a.k_proj(x).view(B, K, 1, d), a.v_proj(x).view(B, K, d)
-        q = apply_rope(q, cos[:, None], sin[:, None], False).view(B, K, H // K, d)  # query heads by key head
-        k = apply_rope(k, cos[:, None], sin[:, None], False)[:, :, 0]
-        return q.to(self.k.dtype), (k.to(self.k.dtype), v.to(self.v.dtype))
-
-    def attend(self, q, row, positions, backend):
-        """Write the new keys/values at `positions`, attend -> [B, K, G, d]."""
-        B = q.shape[0]
-        rows = torch.arange(B, device=q.device)
-        self.k[rows, positions], self.v[rows, positions] = row
-        return decode_attention(q, self.k[:B], self.v[:B], positions + 1, self.attn.scaling, backend=backend)
-
-    def finish(self, out):
-        return self.attn.o_proj(out.reshape(out.shape[0], -1).to(self.attn.o_proj.weight.dtype))
+        q, k, v = F.linear(x, self.w_qkv, self.b_qkv).split([H * d, K * d, K * d], -1)
+        cos, sin = cos[:, None], sin[:, None]  # [B, 1, d]
+        q = apply_rope(q.view(B, H, 1, d), cos, sin, False).view(B, K, H // K, d)  # query heads by key head
+        k = apply_rope(k.view(B, K, 1, d), cos, sin, False)[:, :, 0]  # [B, K, d]
+        rows = torch.arange(B, device=x.device)
+        self.k[rows, positions] = k.to(self.k.dtype)
+        self.v[rows, positions] = v.view(B, K, d).to(self.v.dtype)
+        out = cached_decode_attention(q.to(self.k.dtype), self.k, self.v, positions + 1, a.scaling, d, backend)
+        return a.o_proj(out.reshape(B, -1).to(a.o_proj.weight.dtype))  # out [B, K, G, d]
 
 
 class Engine:
@@ -143,12 +211,11 @@ class Engine:
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs the model on a CUDA device.")
-        # torch.compile fuses the small ops around the matmuls; the cache write and the attention kernel stay
-        # outside it (compiled, a write into the cache would be functionalised into a copy of the whole cache)
-        if compile:  # one compiled graph per layer kind and batch size; guards may add one per layer
+        self.mlps = [MergedMLP(layer.mlp) for layer in self.layers]
+        # one compiled graph per layer kind and batch size (the attention kernel is an opaque operator in it)
+        if compile:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(self.layers))
-        self._pre = torch.compile(self._layer_pre) if compile else self._layer_pre
-        self._post = torch.compile(self._layer_post) if compile else self._layer_post
+        self._layer = torch.compile(self._decode_layer, dynamic=False) if compile else self._decode_layer
         self._graphs, self._pool = {}, None
 
     def cache_bytes_per_token(self) -> int:
@@ -193,27 +260,24 @@ class Engine:
 
     # -- decode ----------------------------------------------------------------------------------------------------
     @staticmethod
-    def _layer_pre(cache, layer, h, cos, sin):
-        return cache.project(layer.input_layernorm(h), cos, sin)
-
-    @staticmethod
-    def _layer_post(cache, layer, h, o):
-        h = h + cache.finish(o)
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+    def _decode_layer(cache, layer, mlp, h, m, cos, sin, positions, backend):
+        """One decoder layer of a decode step: h [B, D] and the MLP output m [B, D] of the layer before, added here so
+        that the residual add and this layer's norm are one kernel -> (h, this layer's MLP output)."""
+        h = h + m
+        h = h + cache.decode(layer.input_layernorm(h), cos, sin, positions, backend)
+        return h, mlp(layer.post_attention_layernorm(h))
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One token per sequence: tokens [B] at positions [B] -> next-token logits [B, V] (fp32)."""
-        B = tokens.shape[0]
         h = self.model.model.embed_tokens(tokens)  # [B, D]
+        m = torch.zeros_like(h)
         g_cos, g_sin = self.gqa_rope[0][positions], self.gqa_rope[1][positions]  # [B, head_dim]
         if self.mla_rope is not None:
             m_cos, m_sin = self.mla_rope[0][positions], self.mla_rope[1][positions]  # [B, d_r]
-        for layer, cache in zip(self.layers, self.caches):
+        for layer, cache, mlp in zip(self.layers, self.caches, self.mlps):
             cos, sin = (m_cos, m_sin) if isinstance(cache, LatentCache) else (g_cos, g_sin)
-            q, row = self._pre(cache, layer, h, cos, sin)
-            o = cache.attend(q, row, positions, self.backend)  # splits: decode_attention's default per layout
-            h = self._post(cache, layer, h, o)
-        return _at_least_fp32(self.model.lm_head(self.model.model.norm(h)))
+            h, m = self._layer(cache, layer, mlp, h, m, cos, sin, positions, self.backend)
+        return _at_least_fp32(self.model.lm_head(self.model.model.norm(h + m)))
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
