@@ -2,12 +2,14 @@
 MLA layout (one latent head, 32 query heads, 64 + 32 columns) and the GQA layout (8 heads of 64, 4 queries each).
 
     python benchmarks/decode_kernel_sweep.py      # GPU; prints a table, writes docs/benchmarks_kernel_sweep.json
+    python benchmarks/decode_kernel_sweep.py --default_only --points 1x1024 64x8192 --out /tmp/k.json  # TILE only
 
 Bandwidth = cache bytes the call must read / its time (CUDA graph replays timed by CUDA events, median of 20; the
 call is the split kernel and the merge kernel, or the split kernel alone with the fused merge). The best tile per layout is what `decode_attention.TILE` holds;
 `python benchmarks/decode.py --tiles SWEEP.json` runs the engine with the best of a sweep instead.
 """
 
+import argparse
 import itertools
 import json
 import sys
@@ -60,37 +62,52 @@ GRID = {"mla": tiles(([2, 4], [128], [4], [3], [False], [False, True], [False]),
                                                                               [True], [True]))}
 
 
-def main():
-    dev, B, T = torch.device("cuda"), 64, 8192
-    lengths = torch.full((B,), T, device=dev)
+def cases(dev, B, T):
+    """Per layout: q, k_cache, v_cache and the cache bytes one call must read at batch B, context T."""
     mla_cache = torch.randn(B, T + 64, 1, 96, device=dev, dtype=torch.bfloat16)
-    cases = {"mla": (torch.randn(B, 1, 32, 96, device=dev, dtype=torch.bfloat16), mla_cache, mla_cache[..., :64], B * T * 96 * 2),
-             "gqa": (torch.randn(B, 8, 4, 64, device=dev, dtype=torch.bfloat16),
-                     torch.randn(B, T + 64, 8, 64, device=dev, dtype=torch.bfloat16),
-                     torch.randn(B, T + 64, 8, 64, device=dev, dtype=torch.bfloat16), B * T * 8 * 64 * 2 * 2)}
-    rows = []
-    for layout, (q, k, v, nbytes) in cases.items():
-        ref = da.decode_attention(q, k, v, lengths, 0.1, backend="torch").float()
-        for tile in GRID[layout]:
-            da.TILE[layout] = dict(tile)
-            splits = None if tile["balanced"] else da.default_num_splits(B, q.shape[1], da.multiprocessors(dev), layout)
-            try:
-                err = float((da.decode_attention_triton(q, k, v, lengths, 0.1, splits).float() - ref).abs().max())
-                t = bench(lambda: da.decode_attention_triton(q, k, v, lengths, 0.1, splits))
-            except Exception as e:  # e.g. out of shared memory for the biggest tiles
-                rows.append({"layout": layout, **tile, "error": str(e)[-3000:]})
-                print(json.dumps({k: v for k, v in rows[-1].items() if k != "error"}), "failed:", str(e)[-300:],
-                      flush=True)
-                continue
-            rows.append({"layout": layout, **tile, "splits": splits, "us": 1e6 * t, "tb_per_s": nbytes / t / 1e12,
-                         "max_abs_err": err})
-            print(json.dumps(rows[-1]), flush=True)
-    ok = [r for r in rows if "us" in r and r["max_abs_err"] < 0.05]  # a fast wrong kernel is no candidate
-    best = {lay: max((r for r in ok if r["layout"] == lay), key=lambda r: r["tb_per_s"]) for lay in cases}
+    return {"mla": (torch.randn(B, 1, 32, 96, device=dev, dtype=torch.bfloat16), mla_cache, mla_cache[..., :64],
+                    B * T * 96 * 2),
+            "gqa": (torch.randn(B, 8, 4, 64, device=dev, dtype=torch.bfloat16),
+                    torch.randn(B, T + 64, 8, 64, device=dev, dtype=torch.bfloat16),
+                    torch.randn(B, T + 64, 8, 64, device=dev, dtype=torch.bfloat16), B * T * 8 * 64 * 2 * 2)}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", nargs="?", default="docs/benchmarks_kernel_sweep.json")
+    p.add_argument("--points", nargs="*", default=["64x8192"], help="BATCHxCONTEXT")
+    p.add_argument("--default_only", action="store_true", help="only decode_attention.TILE, not the GRID")
+    args = p.parse_args(argv)
+    dev = torch.device("cuda")
+    rows, best = [], {}
+    for point in args.points:
+        B, T = map(int, point.split("x"))
+        lengths = torch.full((B,), T, device=dev)
+        for layout, (q, k, v, nbytes) in cases(dev, B, T).items():
+            ref = da.decode_attention(q, k, v, lengths, 0.1, backend="torch").float()
+            default = dict(da.TILE[layout])
+            for tile in [default] if args.default_only else GRID[layout]:
+                da.TILE[layout] = dict(tile)
+                splits = None if tile["balanced"] else da.default_num_splits(B, q.shape[1], da.multiprocessors(dev), layout)
+                try:
+                    err = float((da.decode_attention_triton(q, k, v, lengths, 0.1, splits).float() - ref).abs().max())
+                    t = bench(lambda: da.decode_attention_triton(q, k, v, lengths, 0.1, splits))
+                except Exception as e:  # e.g. out of shared memory for the biggest tiles
+                    rows.append({"layout": layout, "point": point, **tile, "error": str(e)[-3000:]})
+                    print(json.dumps({k: v for k, v in rows[-1].items() if k != "error"}), "failed:", str(e)[-300:],
+                          flush=True)
+                    continue
+                rows.append({"layout": layout, "point": point, **tile, "splits": splits, "us": 1e6 * t,
+                             "tb_per_s": nbytes / t / 1e12, "max_abs_err": err})
+                print(json.dumps(rows[-1]), flush=True)
+            da.TILE[layout] = default
+            ok = [r for r in rows if "us" in r and r["max_abs_err"] < 0.05 and r["layout"] == layout
+                  and r["point"] == point]  # a fast wrong kernel is no candidate
+            if ok:
+                best[layout if len(args.points) == 1 else f"{layout} {point}"] = max(ok, key=lambda r: r["tb_per_s"])
     print("best", json.dumps(best))
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/benchmarks_kernel_sweep.json")
-    out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "batch": B, "context": T, "rows": rows,
-                               "best": best}, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "points": args.points, "rows": rows,
+                                          "best": best}, indent=2) + "\n")
     return best
 
 

@@ -14,7 +14,7 @@
   into the few kernels between the matrix products (the attention kernel is one opaque operator to it).
 
 Sequences of one batch may have different prompt lengths; each has its own position and length. The cache is
-per layer: MLA [slots, T, 1, r + d_r], GQA K and V [slots, T, K, d]; its bytes per token equal
+per layer: MLA [slots, T, r + d_r], GQA K and V [slots, T, K, d]; its bytes per token equal
 `kv_cache_size.kv_elements_per_layer` times the element size, which the tests check on the allocated tensors.
 The engine reads the model's weights when it is built: a model changed afterwards needs a new engine.
 """
@@ -72,7 +72,9 @@ class LatentCache:
     def __init__(self, attn: MLAAttention, slots: int, length: int, dtype, device):
         self.attn, self.slots = attn, None
         H, r, d_n, d_r, d_v = attn.num_heads, attn.kv_lora_rank, attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.v_head_dim
-        self.data = torch.zeros(slots, length, 1, r + d_r, dtype=dtype, device=device)
+        # [slots, T, r + d_r]: a row per token (the kernel sees it as one key head; written as whole rows, which the
+        # compiled layer does in place: a write into a [.., 1, ..] slice of it was compiled into a copy of the cache)
+        self.data = torch.zeros(slots, length, r + d_r, dtype=dtype, device=device)
         self._fold_weights(H, r, d_n, d_r, d_v)
 
     @torch.no_grad()
@@ -113,7 +115,7 @@ class LatentCache:
     def update(self, c_kv, k_pe, layer_idx, **_):
         """Called by `MLAAttention.forward` during prefill: c_kv [n, 1, L, r], k_pe [n, 1, L, d_r]."""
         L = c_kv.shape[2]
-        self.data[self.slots, :L] = torch.cat([c_kv, k_pe], -1).transpose(1, 2).to(self.data.dtype)
+        self.data[self.slots, :L] = torch.cat([c_kv, k_pe], -1)[:, 0].to(self.data.dtype)
         return c_kv, k_pe
 
     def decode(self, x, cos, sin, positions, backend):
@@ -134,7 +136,7 @@ class LatentCache:
         q_pe = apply_rope(q_pe[:, :, None], cos, sin, a.config.rope_interleave)[:, :, 0]  # [B, H, d_r]
         k_pe = apply_rope(k_pe[:, None, None], cos, sin, a.config.rope_interleave)[:, 0, 0]  # [B, d_r]
         row = torch.cat([a.kv_a_layernorm(c_kv), k_pe], -1)  # [B, r + d_r]
-        self.data[torch.arange(B, device=x.device), positions, 0] = row.to(self.data.dtype)
+        self.data[torch.arange(B, device=x.device), positions] = row.to(self.data.dtype)
         q_abs = torch.cat([q_lat, q_pe], -1)[:, None].to(self.data.dtype)  # [B, 1, H, r + d_r]: one key head
         o_lat = cached_decode_attention(q_abs, self.data, None, positions + 1, a.scaling, r, backend)  # [B, 1, H, r]
         if self.w_o is not None:
