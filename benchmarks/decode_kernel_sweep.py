@@ -75,9 +75,11 @@ def cases(dev, B, T):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", nargs="?", default="docs/benchmarks_kernel_sweep.json")
+    p.add_argument("--out", dest="out_option", help="the output path, as an option (after --points)")
     p.add_argument("--points", nargs="*", default=["64x8192"], help="BATCHxCONTEXT")
     p.add_argument("--default_only", action="store_true", help="only decode_attention.TILE, not the GRID")
     args = p.parse_args(argv)
+    args.out = args.out_option or args.out
     dev = torch.device("cuda")
     rows, best = [], {}
     for point in args.points:

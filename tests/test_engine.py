@@ -78,6 +78,33 @@ def test_prefill_and_absorbed_decode_logits_equal_the_full_forward(case, monkeyp
             positions = positions + 1
 
 
+class _PastKeyValuesAttention(torch.nn.Module):
+    """A Llama attention that takes its cache as `past_key_values`, as transformers < 5.24 named it."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = inner.q_proj, inner.k_proj, inner.v_proj, inner.o_proj
+        self.config, self.head_dim, self.scaling = inner.config, inner.head_dim, inner.scaling
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        kwargs.pop("cache", None)
+        return self.inner(hidden_states, position_embeddings, attention_mask, cache=past_key_values, **kwargs)
+
+
+def test_prefill_fills_the_cache_of_an_attention_that_calls_it_past_key_values():
+    model = tiny_llama().double()
+    for layer in model.model.layers:
+        layer.self_attn = _PastKeyValuesAttention(layer.self_attn)
+    prompt = _prompts((7,))[0]
+    engine = Engine(model, max_batch_size=1, max_seq_len=16)
+    with torch.no_grad():
+        token = engine.prefill([prompt], [0]).argmax(-1)
+        logits = engine.decode(token, torch.tensor([len(prompt)]))
+        full = model(torch.tensor([prompt + [int(token)]]), use_cache=False).logits[0, -1]
+    torch.testing.assert_close(logits[0].double(), full, atol=1e-9, rtol=1e-9)
+
+
 def test_merged_projections_are_the_models_own_weights():
     """Building an engine stores no second copy of the projections it merges, and leaves the model's outputs as
     they were."""

@@ -169,35 +169,28 @@ def _build_kernel():
 
     @triton.jit
     def merge_partials(Out, Acc, Max, Sum, slot0, n_slots, o_off, so_g, G, DV,
-                       BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr, CHUNK: tl.constexpr):
+                       BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr):
         # partials in slots slot0 .. slot0 + n_slots - 1 (rows (slot) * BLOCK_G + g): weight each by exp2(its max - the
-        # overall max); empty ones (max -inf) weigh 0. CHUNK slots are loaded at once (a loop of one slot at a time
-        # waits out a load latency per slot: 21 us for 33 splits). Loads bypass L1 (.cg): other programs wrote them
+        # overall max); empty ones (max -inf) weigh 0. Loads bypass L1 (.cg): other programs of the launch wrote them
         g, dv = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_DV)
-        c = tl.arange(0, CHUNK)
         base = slot0.to(tl.int64) * BLOCK_G
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        for s0 in range(0, n_slots, CHUNK):
-            rows = base + (s0 + c[:, None]) * BLOCK_G + g[None, :]  # [CHUNK, BLOCK_G]
-            live = (s0 + c[:, None]) < n_slots
-            m = tl.maximum(m, tl.max(tl.load(Max + rows, mask=live, other=float("-inf"), cache_modifier=".cg"), 0))
+        for s in range(n_slots):
+            m = tl.maximum(m, tl.load(Max + base + s * BLOCK_G + g, cache_modifier=".cg"))
         num = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
         den = tl.zeros([BLOCK_G], tl.float32)
-        for s0 in range(0, n_slots, CHUNK):
-            rows = base + (s0 + c[:, None]) * BLOCK_G + g[None, :]
-            live = (s0 + c[:, None]) < n_slots
-            w = tl.exp2(tl.load(Max + rows, mask=live, other=float("-inf"), cache_modifier=".cg") - m[None, :])
-            den += tl.sum(w * tl.load(Sum + rows, mask=live, other=0.0, cache_modifier=".cg"), 0)
-            acc = tl.load(Acc + rows[:, :, None] * BLOCK_DV + dv[None, None, :], mask=live[:, :, None], other=0.0,
-                          cache_modifier=".cg")  # [CHUNK, BLOCK_G, BLOCK_DV]
-            num += tl.sum(w[:, :, None] * acc, 0)
+        for s in range(n_slots):
+            row = base + s * BLOCK_G + g
+            w = tl.exp2(tl.load(Max + row, cache_modifier=".cg") - m)
+            den += w * tl.load(Sum + row, cache_modifier=".cg")
+            num += w[:, None] * tl.load(Acc + row[:, None] * BLOCK_DV + dv[None, :], cache_modifier=".cg")
         store_output(Out, o_off, num, den, G, DV, BLOCK_G, BLOCK_DV, so_g)
 
     globals()["merge_partials"] = merge_partials
 
     @triton.jit
     def store_partial(Out, Acc, Max, Sum, Count, acc, m_i, l_i, slot, counter, slot0, n_slots, o_off, so_g, G, DV,
-                      BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr, FUSED_MERGE: tl.constexpr, CHUNK: tl.constexpr):
+                      BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr, FUSED_MERGE: tl.constexpr):
         # one piece of a (sequence, key head) into its slot; with FUSED_MERGE the last of its n_slots pieces to finish
         # merges them all (no second launch) and puts the counter back to 0 for the next call
         g, dv = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_DV)
@@ -209,7 +202,7 @@ def _build_kernel():
             tl.debug_barrier()  # every thread's partials are written before the counter's (release) increment
             done = tl.atomic_add(Count + counter, 1, sem="acq_rel", scope="gpu")
             if done == n_slots - 1:
-                merge_partials(Out, Acc, Max, Sum, slot0, n_slots, o_off, so_g, G, DV, BLOCK_G, BLOCK_DV, CHUNK)
+                merge_partials(Out, Acc, Max, Sum, slot0, n_slots, o_off, so_g, G, DV, BLOCK_G, BLOCK_DV)
                 tl.atomic_xchg(Count + counter, 0, sem="relaxed", scope="gpu")
 
     globals()["store_partial"] = store_partial
@@ -221,7 +214,7 @@ def _build_kernel():
                         BLOCK_G: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_DV: tl.constexpr,
                         BLOCK_T: tl.constexpr, HAS_B: tl.constexpr, V_IS_KA: tl.constexpr, IEEE: tl.constexpr,
                         EVEN_DA: tl.constexpr, EVEN_DB: tl.constexpr, EVEN_DV: tl.constexpr, SINGLE: tl.constexpr,
-                        TRANS: tl.constexpr, FUSED_MERGE: tl.constexpr, CHUNK: tl.constexpr):
+                        TRANS: tl.constexpr, FUSED_MERGE: tl.constexpr):
         # one program per (sequence, key head, split): every sequence is cut into num_splits equal runs of tiles
         b, kh, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         n_kh, n_s = tl.num_programs(1), tl.num_programs(2)
@@ -238,7 +231,7 @@ def _build_kernel():
         else:  # partials laid out [B, K, S, BLOCK_G, ...]
             pair = b64 * n_kh + kh
             store_partial(Out, Acc, Max, Sum, Count, acc, m_i, l_i, pair * n_s + s, pair, pair * n_s, n_s, o_off, so_g,
-                          G, DV, BLOCK_G, BLOCK_DV, FUSED_MERGE, CHUNK)
+                          G, DV, BLOCK_G, BLOCK_DV, FUSED_MERGE)
 
     @triton.jit
     def balanced_decode(Q, Kc, Vc, Lens, Out, Acc, Max, Sum, Count,
@@ -247,7 +240,7 @@ def _build_kernel():
                         BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_DA: tl.constexpr, BLOCK_DB: tl.constexpr,
                         BLOCK_DV: tl.constexpr, BLOCK_T: tl.constexpr, HAS_B: tl.constexpr, V_IS_KA: tl.constexpr,
                         IEEE: tl.constexpr, EVEN_DA: tl.constexpr, EVEN_DB: tl.constexpr, EVEN_DV: tl.constexpr,
-                        TRANS: tl.constexpr, CHUNK: tl.constexpr):
+                        TRANS: tl.constexpr):
         # a fixed number P of programs (enough for every multiprocessor) shares all tiles of all R = B x K (sequence,
         # key head) rows equally, in row order: program p takes tiles [p W / P, (p + 1) W / P) of the W in all, which
         # may end one row and start the next. A row's pieces go to slots p + r (distinct for every (program, row)
@@ -283,17 +276,17 @@ def _build_kernel():
                 store_output(Out, o_off, acc, l_i, G, DV, BLOCK_G, BLOCK_DV, so_g)
             else:
                 store_partial(Out, Acc, Max, Sum, Count, acc, m_i, l_i, p + r, r, first_p + r, last_p - first_p + 1,
-                              o_off, so_g, G, DV, BLOCK_G, BLOCK_DV, True, CHUNK)
+                              o_off, so_g, G, DV, BLOCK_G, BLOCK_DV, True)
             t = piece_end
 
     @triton.jit
     def merge_splits(Out, Acc, Max, Sum, so_b, so_k, so_g, G, DV, num_splits,
-                     BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr, CHUNK: tl.constexpr):
+                     BLOCK_G: tl.constexpr, BLOCK_DV: tl.constexpr):
         # the separate merge pass of split_kv_decode: one program per (sequence, key head)
         b, kh, n_kh = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
         pair = b.to(tl.int64) * n_kh + kh
         merge_partials(Out, Acc, Max, Sum, pair * num_splits, num_splits, b.to(tl.int64) * so_b + kh * so_k, so_g, G,
-                       DV, BLOCK_G, BLOCK_DV, CHUNK)
+                       DV, BLOCK_G, BLOCK_DV)
 
     return split_kv_decode, merge_splits, balanced_decode
 
@@ -324,12 +317,6 @@ def split_counters(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
-def merge_chunk(block_g: int, block_dv: int) -> int:
-    """Partials a merge loads at once: [CHUNK, BLOCK_G, BLOCK_DV] fp32 of at most 8,192 values (64 registers a thread
-    at 4 warps), and at least one."""
-    return max(1, min(8, 8192 // (block_g * block_dv)))
-
-
 def decode_attention_triton(q, k_cache, v_cache, lengths, scale, num_splits: int | None = None):
     """TILE[layout]["balanced"]: balanced_decode over a fixed grid of programs_per_sm x SMs programs (num_splits x
     rows of them when num_splits is given). Otherwise the split-KV kernel, then one merge kernel for the splits (none
@@ -354,7 +341,7 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, num_splits: int
     shapes = dict(BLOCK_G=BG, BLOCK_DA=BDA, BLOCK_DB=BDB, BLOCK_DV=BDV, BLOCK_T=tile["block_t"], HAS_B=DB > 0,
                   V_IS_KA=v_is_prefix, IEEE=q.dtype == torch.float32, EVEN_DA=DA == BDA, EVEN_DB=DB == BDB,
                   EVEN_DV=DV == BDV, TRANS=tile["transposed"], num_warps=tile["num_warps"],
-                  num_stages=tile["num_stages"], CHUNK=merge_chunk(BG, BDV))
+                  num_stages=tile["num_stages"])
     split_kv_decode, merge_splits, balanced_decode = kernel()
     if tile["balanced"]:
         P = num_splits * B * K if num_splits else tile["programs_per_sm"] * multiprocessors(q.device)
@@ -375,7 +362,7 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, num_splits: int
                                         FUSED_MERGE=fused_merge, **shapes)
     if num_splits > 1 and not fused_merge:
         merge_splits[(B, K)](out, acc, mx, sm, out.stride(0), out.stride(1), out.stride(2), G, DV, num_splits,
-                             BLOCK_G=BG, BLOCK_DV=BDV, CHUNK=merge_chunk(BG, BDV), num_warps=4)
+                             BLOCK_G=BG, BLOCK_DV=BDV, num_warps=4)
     return out
 
 

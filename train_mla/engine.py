@@ -19,6 +19,8 @@ per layer: MLA [slots, T, r + d_r], GQA K and V [slots, T, K, d]; its bytes per 
 The engine reads the model's weights when it is built: a model changed afterwards needs a new engine.
 """
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,6 +53,17 @@ def merge_rows(*parts):
                 p.bias.data = bias[row: row + n]
         row += n
     return weight, bias
+
+
+def cache_keyword(attn: nn.Module) -> str:
+    """The name under which `attn.forward` takes its cache: `cache` (transformers >= 5.24 and our MLA layer) or
+    `past_key_values` (earlier 5.x). Passed under the wrong name the cache would be ignored, silently."""
+    params = inspect.signature(attn.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise TypeError(f"{type(attn).__name__}.forward takes neither `cache` nor `past_key_values`; the engine cannot "
+                    "fill its cache during prefill.")
 
 
 class MergedMLP:
@@ -254,7 +267,7 @@ class Engine:
         for layer, cache in zip(self.layers, self.caches):
             cache.slots = slots
             a, _ = layer.self_attn(layer.input_layernorm(h), position_embeddings=rope, attention_mask=mask,
-                                   cache=cache, position_ids=position_ids)
+                                   position_ids=position_ids, **{cache_keyword(layer.self_attn): cache})
             h = h + a
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         last = h[torch.arange(n, device=self.device), lengths - 1]  # [n, D]

@@ -23,9 +23,9 @@ profile)
   grep "launches" $OUT/profile_*.log ;;
 merge)
   K="benchmarks/decode_kernel_sweep.py --default_only --points 1x1024 64x1024 64x8192"
-  timeout 150 python3 $K --out $OUT/kernel_after.json > $OUT/kernel_after.log 2>&1; log "kernel after rc=$?"
-  (cd .carry_old && timeout 150 python3 $K --out $OUT/kernel_before.json > $OUT/kernel_before.log 2>&1); log "kernel before rc=$?"
+  timeout 150 python3 $K $OUT/kernel_after.json > $OUT/kernel_after.log 2>&1; log "kernel after rc=$?"
+  (cd .carry_old && timeout 150 python3 $K $OUT/kernel_before.json > $OUT/kernel_before.log 2>&1); log "kernel before rc=$?"
   grep -h '"us"' $OUT/kernel_*.log | cut -c1-60,120-400
-  timeout 200 python3 $D --out $OUT/decode_merge > $OUT/merge.log 2>&1; log "engine rc=$?"; tail -7 $OUT/merge.log ;;
+  bash $0 engine ;;
 esac
 log "done"
