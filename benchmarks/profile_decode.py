@@ -2,7 +2,7 @@
 GQA and MLA models of benchmarks/decode.py, eager and with torch.compile, at each (batch x context) point.
 
     python benchmarks/profile_decode.py                                    # GPU; batch 64 x 8k
-    python benchmarks/profile_decode.py --points 1x1024 64x8192 --compiled_only --out docs/benchmarks_profile.json
+    python benchmarks/profile_decode.py --points 1x1024 64x8192 --compiled_only --out /tmp/profile.json
 """
 
 import argparse
