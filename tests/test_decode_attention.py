@@ -65,13 +65,13 @@ from train_mla import decode_attention as da
 worst = 0.0
 formulations = [dict(transposed=t, fused_merge=f, balanced=False) for t in (False, True) for f in (False, True)]
 formulations += [dict(transposed=t, fused_merge=True, balanced=True) for t in (False, True)]
-formulations += [dict(transposed=False, fused_merge=True, balanced=True, block_t=16)]  # rows of 10 pieces: 2 merge chunks
+formulations += [dict(transposed=False, fused_merge=True, balanced=True, block_t=16)]  # rows of up to 10 pieces
 for form in formulations:  # every formulation; balanced: num_splits x rows programs share all tiles
     for layout in da.TILE:
         da.TILE[layout].update(form)
     fused_merge = form["fused_merge"]
     for case in (_mla_case, _mla_even_case, _gqa_case):
-        for splits in (1, 2, 3, 7, 19):  # 19 partials: the merge's chunks of 8, the last one partial
+        for splits in (1, 2, 3, 7, 19):  # 19: a merge of many partials
             q, k, v, lengths = case()
             ref = da.decode_attention(q, k, v, lengths, 0.3, backend="torch")
             out = da.decode_attention(q, k, v, lengths, 0.3, num_splits=splits, backend="triton")

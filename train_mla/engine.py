@@ -106,15 +106,12 @@ class LatentCache:
             q_lat = torch.einsum("hdr,hdi->hri", w_uk.to(exact), w_q[:, :d_n].to(exact)).to(wt.dtype)
             w_q = torch.cat([q_lat, w_q[:, d_n:]], 1).reshape(H * (r + d_r), -1)
         self.w_uk = None if fold_q else w_uk
-        q_part = q_lin if not fold_q else (w_q, None)
         if a.q_lora_rank is None:  # the query comes straight from x: one matrix with the latent projection
             self.w_q = None
-            self.w_in, self.b_in = merge_rows(q_part, a.kv_a_proj_with_mqa)
-            self.q_width = q_lin.weight.shape[0] if not fold_q else w_q.shape[0]
+            self.w_in, self.b_in = merge_rows((w_q, None) if fold_q else q_lin, a.kv_a_proj_with_mqa)
         else:  # [q_a | kv_a] from x, then the (absorbed) q_b from the normed q_a
-            self.w_q = q_lin.weight if not fold_q else w_q
+            self.w_q = w_q if fold_q else q_lin.weight
             self.w_in, self.b_in = merge_rows(a.q_a_proj, a.kv_a_proj_with_mqa)
-            self.q_width = a.q_lora_rank
         if fold_o:  # o_proj(W_uv o_lat) = (W_o W_uv) o_lat: [D, H, d_v] x [H, d_v, r] -> [D, H * r]
             w_o = a.o_proj.weight.view(D, H, d_v).to(exact)
             self.w_o = torch.einsum("dhv,hvr->dhr", w_o, w_uv.to(exact)).reshape(D, H * r).to(wt.dtype)
@@ -136,7 +133,8 @@ class LatentCache:
         [B, D]. Writes the new tokens' rows at `positions` first."""
         a = self.attn
         B, H, r, d_n, d_r = x.shape[0], a.num_heads, a.kv_lora_rank, a.qk_nope_head_dim, a.qk_rope_head_dim
-        q, c_kv, k_pe = F.linear(x, self.w_in, self.b_in).split([self.q_width, r, d_r], -1)  # [B, q_width], [B, r], [B, d_r]
+        q_width = self.w_in.shape[0] - r - d_r  # q_a, or the (absorbed) full-rank query
+        q, c_kv, k_pe = F.linear(x, self.w_in, self.b_in).split([q_width, r, d_r], -1)  # [B, q_width], [B, r], [B, d_r]
         if self.w_q is not None:
             q = F.linear(a.q_a_layernorm(q), self.w_q)
         q = q.view(B, H, -1)  # [B, H, r + d_r] absorbed, or [B, H, d_n + d_r]
@@ -227,6 +225,7 @@ class Engine:
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs the model on a CUDA device.")
         self.mlps = [MergedMLP(layer.mlp) for layer in self.layers]
+        self.cache_keywords = [cache_keyword(layer.self_attn) for layer in self.layers]  # how prefill hands over caches
         # one compiled graph per layer kind and batch size (the attention kernel is an opaque operator in it)
         if compile:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(self.layers))
@@ -264,10 +263,10 @@ class Engine:
         if self.config._attn_implementation == "eager":
             mask = torch.full((L, L), torch.finfo(self.dtype).min, device=self.device, dtype=self.dtype).triu(1)[None, None]
         slots = torch.tensor(slots, device=self.device)
-        for layer, cache in zip(self.layers, self.caches):
+        for layer, cache, keyword in zip(self.layers, self.caches, self.cache_keywords):
             cache.slots = slots
             a, _ = layer.self_attn(layer.input_layernorm(h), position_embeddings=rope, attention_mask=mask,
-                                   position_ids=position_ids, **{cache_keyword(layer.self_attn): cache})
+                                   position_ids=position_ids, **{keyword: cache})
             h = h + a
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         last = h[torch.arange(n, device=self.device), lengths - 1]  # [n, D]
