@@ -206,3 +206,75 @@ def test_bad_settings_fail_before_any_heavy_work(tiny_run, tmp_path, override, m
     r = _run(tiny_run / "recipe.yaml", *out, *override)
     assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
     assert "Tokenis" not in r.stdout + r.stderr and "Traceback" not in r.stderr
+
+
+WSD = ["--max_steps", 12, "--lr_scheduler_type", "warmup_stable_decay", "--lr_scheduler_kwargs",
+       '{"num_decay_steps": 4}', "--save_steps", 100]
+
+
+def test_a_run_across_allocations_equals_one_long_run(tiny_run, tmp_path):
+    """stop_at_step ends an allocation with a checkpoint; packed into checksummed parts, unpacked into an empty folder
+    on 'another machine' (no upcycled model there), the same command continues it to exactly the uninterrupted run's
+    model. Weights only: the first continued step is exactly the long run's, the learning rates all are."""
+    from train_mla.checkpoint_transfer import main as transfer
+
+    full = tmp_path / "full"
+    r = _run(tiny_run / "recipe.yaml", "--output_dir", full, *WSD)
+    assert r.returncode == 0, r.stderr[-4000:]
+    hist = _history(full)
+    lrs = [h["learning_rate"] for h in hist]
+    assert lrs[2] == lrs[6] > lrs[-1]  # warmup 2, stable, decay over the last 4
+
+    first = tmp_path / "first"
+    r = _run(tiny_run / "recipe.yaml", "--output_dir", first, *WSD, "--stop_at_step", 6)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "Stopped at step 6/12 as asked" in r.stdout + r.stderr
+    assert (first / "checkpoint-6" / "optimizer.pt").is_file() and not (first / "config.json").exists()
+
+    for weights_only in (False, True):
+        parts, second = tmp_path / f"parts{weights_only}", tmp_path / f"second{weights_only}"
+        transfer(["pack", str(first / "checkpoint-6"), str(parts), "--part_mib", "1"]
+                 + (["--weights_only"] if weights_only else []))
+        assert len(list(parts.glob("checkpoint-6.part*"))) == (1 if weights_only else 2)  # 0.7 MiB, 1.9 MiB
+        transfer(["unpack", str(parts), str(second)])
+        assert (second / "checkpoint-6" / "optimizer.pt").is_file() != weights_only
+        r = _run(tiny_run / "recipe.yaml", "--output_dir", second, *WSD)
+        assert r.returncode == 0, r.stderr[-4000:]
+        assert "the student is built from" in r.stdout + r.stderr
+        cont = _history(second)
+        assert [h["step"] for h in cont] == [h["step"] for h in hist]
+        assert [h["learning_rate"] for h in cont] == lrs
+        assert abs(cont[6]["loss"] - hist[6]["loss"]) < 1e-6  # step 7: same weights, same batch
+        a, b = load_file(full / "model.safetensors"), load_file(second / "model.safetensors")
+        if weights_only:
+            assert "weights-only checkpoint: training continues at step 6" in r.stdout + r.stderr
+            assert any(not torch.equal(a[k], b[k]) for k in a)  # fresh Adam moments: close, not equal
+            assert abs(cont[-1]["loss"] - hist[-1]["loss"]) < 0.2 * hist[-1]["loss"]
+        else:
+            for k in a:
+                torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=k)
+        assert (second / "kv_cache.json").is_file()
+
+
+def test_transfer_refuses_damaged_or_missing_parts(tiny_run, tmp_path):
+    from train_mla.checkpoint_transfer import main as transfer
+
+    run = tmp_path / "run"
+    r = _run(tiny_run / "recipe.yaml", "--output_dir", run, *WSD, "--stop_at_step", 2)
+    assert r.returncode == 0, r.stderr[-4000:]
+    parts = tmp_path / "parts"
+    transfer(["pack", str(run / "checkpoint-2"), str(parts), "--part_mib", "1"])
+    with pytest.raises(SystemExit, match="already holds parts"):
+        transfer(["pack", str(run / "checkpoint-2"), str(parts)])
+    part = sorted(parts.glob("*.part*"))[1]
+    data = bytearray(part.read_bytes())
+    data[100] ^= 1
+    part.write_bytes(bytes(data))
+    with pytest.raises(SystemExit, match=f"part {part} is damaged"):
+        transfer(["unpack", str(parts), str(tmp_path / "dest")])
+    part.unlink()
+    with pytest.raises(SystemExit, match="is missing"):
+        transfer(["unpack", str(parts), str(tmp_path / "dest")])
+    assert not (tmp_path / "dest").exists()
+    with pytest.raises(SystemExit, match="not a complete checkpoint"):
+        transfer(["pack", str(run / "upcycled"), str(tmp_path / "p2")])

@@ -163,9 +163,17 @@ class DistillConfig(TrainingArguments):
     keep_checkpoints: bool = field(default=False, metadata={
         "help": "Keep the resumable checkpoint-N folders (optimizer states) once the final model is saved; false "
                 "removes them after the saved model checks complete."})
+    stop_at_step: int | None = field(default=None, metadata={
+        "help": "End this run after global step N (one allocation of a longer run): checkpoint-N is saved and the "
+                "script exits 0 without a final model; the learning-rate schedule stays that of max_steps, and the same "
+                "command without it (or with a later N) continues, on this machine or on another one after "
+                "`python -m train_mla.checkpoint_transfer` (README: training across allocations)."})
 
     def __post_init__(self):
         super().__post_init__()
+        if self.stop_at_step is not None and not 0 < self.stop_at_step < self.max_steps:
+            raise ValueError(f"stop_at_step={self.stop_at_step}: must be between 1 and max_steps - 1 "
+                             f"(max_steps={self.max_steps})")
         if self.kl_weight < 0 or self.ce_weight < 0 or self.kl_weight + self.ce_weight == 0:
             raise ValueError(f"kl_weight={self.kl_weight}, ce_weight={self.ce_weight}: both >= 0 and not both 0")
         if self.temperature <= 0:

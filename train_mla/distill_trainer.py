@@ -67,6 +67,22 @@ class DistillTrainer(Trainer):
         self._window = self._new_window()
         self._eval_window = self._new_window()
 
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """A weights-only checkpoint (`checkpoint_transfer pack --weights_only`) has no optimizer state: the scheduler
+        continues at its step (and the optimizer's learning rate with it); Adam's moments start afresh."""
+        from pathlib import Path
+
+        from .checkpoint_transfer import CONTINUATION
+
+        if checkpoint is None or not (Path(checkpoint) / CONTINUATION).is_file():
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / "scheduler.pt", weights_only=True))
+        for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
+        logger.warning(f"{checkpoint} is a weights-only checkpoint: training continues at step "
+                       f"{self.lr_scheduler.last_epoch} with its learning rate ({self.lr_scheduler.get_last_lr()[0]:.3g}) "
+                       "and data position; the optimizer's moments start afresh")
+
     def _teacher_to_fp8(self):
         from .fp8_teacher import quantize_teacher_fp8
         from .recipe import check_teacher_fp8

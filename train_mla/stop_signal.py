@@ -3,6 +3,9 @@ scripts: the step in progress finishes, a checkpoint of it is saved, and the scr
 number (143 for SIGTERM, 130 for SIGINT) without writing a final model. Running the same command again resumes from
 that checkpoint, so nothing trained is lost.
 
+A planned stop works the same way: `StopOnSignal(stop_at_step=N)` saves checkpoint-N and stops there (the recipe key
+`stop_at_step`, one allocation of a run longer than a machine is held); the script then exits 0.
+
 Further signals while stopping are reported and otherwise ignored: a launcher that forwards the signal (torchrun's
 agent does) must not cut the checkpoint short; SIGKILL still stops at once. Under several processes the ranks agree
 at every step end (one all-reduce of a flag), so that all of them save the same step.
@@ -18,9 +21,10 @@ logger = logging.getLogger("train_mla")
 
 
 class StopOnSignal(TrainerCallback):
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT), stop_at_step: int | None = None):
         self.received: signal.Signals | None = None  # the first signal that arrived
         self.stopped_at: int | None = None  # the step whose checkpoint was saved on the way out
+        self.stop_at_step = stop_at_step
         for s in signals:
             signal.signal(s, self._handle)
 
@@ -43,7 +47,8 @@ class StopOnSignal(TrainerCallback):
         return flag
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.stopped_at is None and self._anyone_received(args):
+        planned = self.stop_at_step is not None and state.global_step >= self.stop_at_step
+        if self.stopped_at is None and (planned or self._anyone_received(args)):
             self.stopped_at = state.global_step
             control.should_save = True
             control.should_training_stop = True
@@ -60,6 +65,11 @@ class StopOnSignal(TrainerCallback):
         state = trainer.state
         if self.stopped_at is None or state.global_step >= state.max_steps:
             return
+        if self.received is None:  # the planned end of this allocation
+            logger.info(f"Stopped at step {state.global_step}/{state.max_steps} as asked (stop_at_step): "
+                        f"checkpoint-{state.global_step} is in {trainer.args.output_dir}; the same command without "
+                        "stop_at_step (or with a later one) continues from it")
+            raise SystemExit(0)
         logger.warning(f"Stopped by {self.received.name} at step {state.global_step}/{state.max_steps}: "
                        f"checkpoint-{state.global_step} is in {trainer.args.output_dir}; run the same command again "
                        "to resume from it")

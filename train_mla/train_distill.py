@@ -9,6 +9,7 @@ kv_cache.json). A run whose output directory holds checkpoints resumes from the 
 """
 
 import logging
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -69,8 +70,9 @@ def _get(d: dict, dotted: str):
     return d
 
 
-def build_student(model_args, mla_args, args, tokenizer):
-    """MLA student: continued from an MLA checkpoint, or upcycled once (main process) into output_dir/upcycled."""
+def build_student(model_args, mla_args, args, tokenizer, checkpoint=None):
+    """MLA student: continued from an MLA checkpoint, or upcycled once (main process) into output_dir/upcycled. A run
+    resumed from a checkpoint brought from another machine (no upcycled/ beside it) is built from the checkpoint."""
     import os
     import shutil
 
@@ -81,7 +83,12 @@ def build_student(model_args, mla_args, args, tokenizer):
     from train_mla.upcycle import save_mla_checkpoint, upcycle, upcycle_record
 
     source = model_args.model_name_or_path
-    if is_mla_checkpoint(source):
+    upcycled = Path(args.output_dir) / "upcycled"
+    if checkpoint is not None and not is_mla_checkpoint(source) and not upcycled.exists():
+        logger.info(f"No upcycled model in {args.output_dir}: the student is built from {checkpoint}, whose weights the "
+                    "resumed run trains on")
+        path = checkpoint
+    elif is_mla_checkpoint(source):
         logger.info(f"Continuing from the MLA checkpoint {source}")
         path = source
     else:
@@ -133,6 +140,11 @@ def main(argv=None):
                 raise RecipeError("teacher_model_name_or_path is required when continuing from an MLA checkpoint")
             teacher_name = model_args.model_name_or_path
         check_same_vocabulary(tokenizer, load_tokenizer(teacher_name), model_args.model_name_or_path, teacher_name)
+        if checkpoint and Path(checkpoint, "continuation.json").is_file() and (
+                args.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"):
+            raise RecipeError(f"{checkpoint} is a weights-only checkpoint (no optimizer state); DeepSpeed resumes only "
+                              "from its own whole checkpoints: continue in a single process, `python "
+                              "train_mla/train_distill.py RECIPE --output_dir ...`")
         export = Path(args.export_deepseek_dir) if args.export_deepseek_dir else None
         if export is not None and export.exists() and (not export.is_dir() or any(export.iterdir())):
             raise RecipeError(f"export_deepseek_dir {str(export)!r} exists and is not empty: the export at the end "
@@ -158,7 +170,7 @@ def main(argv=None):
     if checkpoint:
         logger.info(f"Resuming from {checkpoint}")
 
-    student, student_dir = build_student(model_args, mla_args, args, tokenizer)
+    student, student_dir = build_student(model_args, mla_args, args, tokenizer, checkpoint)
     if args.freeze_non_mla:
         for name, p in student.named_parameters():
             p.requires_grad_(".self_attn." in name and int(name.split(".")[2]) in student.config.mla_layer_ids)
@@ -179,7 +191,7 @@ def main(argv=None):
     from train_mla.stop_signal import StopOnSignal
 
     trainer.add_callback(ProgressLine("stage 1"))
-    stop = StopOnSignal()  # SIGTERM / Ctrl-C: save a checkpoint, exit; a re-run resumes
+    stop = StopOnSignal(stop_at_step=args.stop_at_step)  # SIGTERM / Ctrl-C / stop_at_step: save a checkpoint, exit
     trainer.add_callback(stop)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     stop.exit_if_stopped(trainer)
