@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Equal-token data ablation of stage 1 on SmolLM2-135M-Instruct at 25 % KV (smollm2_135M/mla_kv_rank_80_rope_16.yaml):
+# one upcycled model, then one stage-1 run per arm with the same schedule, seed and number of steps, each arm's
+# stage-1 evaluation curve (WikiText-2 test) and the shared tasks scored at the end (eval.sh --tasks shared).
+#   bash benchmarks/recovery_ablation.sh OUT STEPS ARM [ARM ...]
+# Arms (the data of each, all with ShareGPT + TinyStories + tinyshakespeare, the run_default.sh mix without teacher text):
+#   base    ShareGPT (all 10,643 conversations, data/sharegpt_all) + TinyStories + tinyshakespeare
+#   wiki    base + data/corpus/wikipedia_part.jsonl (python -m train_mla.corpus, docs/data.md)
+#   books   base + wikipedia + data/corpus/books_part.jsonl
+#   wsd     books' data under warmup-stable-decay (decay over the last 20 % of steps) instead of cosine
+# Every arm trains in one process (python train_mla/train_distill.py); arms run one after another, each arm's
+# evaluation runs beside the next arm's training. Needs ../shared/data, data/sharegpt, data/sharegpt_all, data/corpus.
+# TRAIN_ARGS (recipe overrides for the upcycle and every arm) and EVAL_ARGS (eval.sh options) shrink it for a CPU check.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=$1; STEPS=$2; shift 2
+RECIPE=smollm2_135M/mla_kv_rank_80_rope_16.yaml
+SH=../shared/data
+BASE="data/sharegpt_all/chat_train.jsonl: 1.0, $SH/tinystories/tinystories_train_head.txt: 1.0, $SH/tinyshakespeare/input.txt: 1.0, $SH/wikitext-2/wiki.test.raw: 1.0"
+WIKI="data/corpus/wikipedia_part.jsonl: 1.0"; BOOKS="data/corpus/books_part.jsonl: 1.0"
+stamp() { echo "[ablation $(date +%T)] $*"; }
+mkdir -p "$OUT/eval"
+if [ ! -d "$OUT/upcycled" ]; then
+  stamp "upcycle $RECIPE (log: $OUT/upcycle.log)"
+  python -m train_mla.upcycle $RECIPE ${TRAIN_ARGS:-} --torch_dtype float32 --output "$OUT/upcycled.tmp" > "$OUT/upcycle.log" 2>&1
+  mv "$OUT/upcycled.tmp" "$OUT/upcycled"
+fi
+evals=()
+for arm in "$@"; do
+  extra=()
+  case $arm in
+    base) mix="$BASE" ;;
+    wiki) mix="$BASE, $WIKI" ;;
+    books) mix="$BASE, $WIKI, $BOOKS" ;;
+    wsd) mix="$BASE, $WIKI, $BOOKS"
+         extra=(--lr_scheduler_type warmup_stable_decay --lr_scheduler_kwargs "{\"num_decay_steps\": $((STEPS / 5))}") ;;
+    *) echo "unknown arm $arm" >&2; exit 2 ;;
+  esac
+  if [ ! -f "$OUT/$arm/config.json" ]; then
+    mkdir -p "$OUT/$arm"; [ -d "$OUT/$arm/upcycled" ] || cp -r "$OUT/upcycled" "$OUT/$arm/upcycled"
+    stamp "arm $arm: $STEPS steps x 65,536 tokens on {$mix} ${extra[*]} (log: $OUT/$arm.log)"
+    t0=$(date +%s)
+    python train_mla/train_distill.py $RECIPE --output_dir "$OUT/$arm" --max_steps "$STEPS" \
+      --eval_steps $((STEPS / 4)) --save_steps 100000 --dataset_mixer "{$mix}" \
+      --processed_cache_dir "$OUT/cache" --preprocessing_num_workers 12 "${extra[@]}" ${TRAIN_ARGS:-} > "$OUT/$arm.log" 2>&1
+    stamp "arm $arm: stage 1 done in $(( $(date +%s) - t0 )) s"
+    rm -rf "$OUT/$arm/upcycled"
+  fi
+  stamp "arm $arm: scoring (log: $OUT/eval/$arm/eval.log)"
+  bash eval.sh "$OUT/$arm" --tasks shared --dtype bfloat16 --batch_size 16 --max_length 2048 ${EVAL_ARGS:-} --output "$OUT/eval/$arm" \
+    > /dev/null 2>&1 &
+  evals+=($!)
+done
+for pid in "${evals[@]}"; do wait "$pid" || stamp "an evaluation failed (see $OUT/eval/*/eval.log)"; done
+stamp "all arms done"
