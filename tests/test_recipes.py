@@ -173,6 +173,44 @@ def test_one_run_per_output_dir(tmp_path, caplog):
     assert not (out / ".lock").exists()
 
 
+def test_lock_left_empty_by_a_kill_is_taken_over_and_bad_folders_are_one_line(tmp_path, caplog):
+    import os
+
+    from train_mla.recipe import OutputLock, RecipeError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_bytes(b"")  # killed between creating the lock and writing it
+    lock = OutputLock(out)
+    with caplog.at_level("WARNING", logger="train_mla"):
+        lock.acquire()
+    assert "empty or unreadable" in caplog.text
+    lock.release()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RecipeError, match="exists and is not a directory"):
+        OutputLock(tmp_path / "file").acquire()
+    if os.geteuid() != 0:  # root writes anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o500)
+        with pytest.raises(RecipeError, match="cannot be written"):
+            OutputLock(ro / "run").acquire()
+    fresh = tmp_path / "checkpoints" / "new_run"  # a run that fails before writing anything leaves no folder
+    lock = OutputLock(fresh)
+    lock.acquire()
+    lock.release()
+    assert not fresh.exists() and (tmp_path / "checkpoints").exists()
+
+
+def test_a_key_written_twice_in_a_recipe_is_refused(tmp_path):
+    from train_mla.arguments import DataArguments
+    from train_mla.recipe import RecipeError, parse_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("dataset_mixer: {a.jsonl: 1.0}\nmax_seq_length: 128\nmax_seq_length: 256\n")
+    with pytest.raises(RecipeError, match=r"key 'max_seq_length' appears twice \(lines 2 and 3\)"):
+        parse_recipe((DataArguments,), [str(recipe)])
+
+
 def test_bad_dataset_files_are_named_with_the_row(tmp_path):
     from train_mla.data import mix_datasets
 

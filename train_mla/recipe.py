@@ -126,6 +126,20 @@ def _help(types_, prog, description) -> str:
     return "\n".join(lines)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (plain YAML keeps the last value silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise RecipeError(f"key '{key}' appears twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
+                                  "keep one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def parse_recipe(types_, argv=None, *, prog=None, description="", ignore_unknown_from=None, defaults=None):
     """Return one instance per dataclass in `types_`, from `[recipe.yaml] [--key value ...]`.
 
@@ -143,7 +157,9 @@ def parse_recipe(types_, argv=None, *, prog=None, description="", ignore_unknown
         if not path.is_file():
             raise RecipeError(f"recipe file {str(path)!r} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        except RecipeError as e:
+            raise RecipeError(f"recipe file {str(path)!r}: {e}") from None
         except yaml.YAMLError as e:
             raise RecipeError(f"recipe file {str(path)!r} is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
@@ -331,16 +347,27 @@ class OutputLock:
         import os
         import socket
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        import time
+
+        folder = self.path.parent
+        if folder.exists() and not folder.is_dir():
+            raise RecipeError(f"output_dir {str(folder)!r} exists and is not a directory")
+        self.created = not folder.exists()  # a folder this run made is removed again if the run leaves it empty
         me = {"pid": os.getpid(), "host": socket.gethostname()}
         for _ in range(2):
             try:
+                folder.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                try:
-                    owner = json.loads(self.path.read_text())
-                except ValueError:
-                    owner = {}
+                owner = _read_lock(self.path)
+                if owner is None:  # empty: a process is writing it, or was killed between creating and writing it
+                    time.sleep(1.0)
+                    owner = _read_lock(self.path)
+                if owner is None:
+                    logging.getLogger("train_mla").warning(
+                        f"Taking over the lock {self.path}: it is empty or unreadable (left by a killed run)")
+                    self.path.unlink(missing_ok=True)
+                    continue
                 if owner.get("host") == me["host"] and not _alive(owner.get("pid")):
                     logging.getLogger("train_mla").warning(
                         f"Taking over the stale lock {self.path} of process {owner.get('pid')} (no longer running)")
@@ -349,6 +376,8 @@ class OutputLock:
                 raise RecipeError(f"output_dir {str(self.path.parent)!r} is in use by process {owner.get('pid')} on "
                                   f"{owner.get('host')} (lock file {self.path}); wait for it, or remove the lock if "
                                   "that run is gone") from None
+            except OSError as e:
+                raise RecipeError(f"output_dir {str(folder)!r} cannot be written: {e.strerror}") from None
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)
             atexit.register(self.release)
@@ -361,8 +390,21 @@ class OutputLock:
         try:
             if json.loads(self.path.read_text()).get("pid") == os.getpid():
                 self.path.unlink()
+                if getattr(self, "created", False) and not any(self.path.parent.iterdir()):
+                    self.path.parent.rmdir()  # a run that failed before writing anything leaves no empty folder
         except (OSError, ValueError):
             pass
+
+
+def _read_lock(path: Path) -> dict | None:
+    """The owner recorded in a lock file; None when it is empty or not a JSON object."""
+    import json
+
+    try:
+        owner = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) and owner else None
 
 
 def _alive(pid) -> bool:
