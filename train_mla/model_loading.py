@@ -58,16 +58,37 @@ def packaged_model_dir(package: str) -> Path:
         return cache
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import shutil
+
+    for stale in cache.parent.glob(cache.name + ".tmp*"):  # a conversion killed midway, by a process now gone
+        pid = stale.name.rsplit(".tmp", 1)[-1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            print(f"Removing {stale}, a conversion left by process {pid}", flush=True)
+            shutil.rmtree(stale, ignore_errors=True)
     src, gguf = list(spec.submodule_search_locations)[0], PACKAGED_GGUF[package]
-    print(f"Converting the GGUF in package {package} to {cache} (once) ...", flush=True)
+    print(f"Converting the GGUF in package {package} to {cache} (once, ~0.5 GB; TRAIN_MLA_CACHE sets the folder) ...",
+          flush=True)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
     _drop_gguf_marks(model)
     tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(src, gguf_file=gguf).save_pretrained(tmp)
-    if not cache.exists():
-        tmp.replace(cache)
+    try:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(src, gguf_file=gguf).save_pretrained(tmp)
+        if not cache.exists():
+            tmp.replace(cache)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the loser of two concurrent conversions drops its copy
     return cache
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _drop_gguf_marks(model) -> None:
