@@ -147,6 +147,31 @@ def test_resume_takes_the_newest_complete_checkpoint_and_names_the_bad_ones(tmp_
         resume_point(args)
 
 
+@pytest.mark.parametrize("damage", ["null", "{}", "zeros"])
+def test_damaged_checkpoint_state_is_skipped_for_the_previous_one(tmp_path, caplog, damage):
+    import types
+
+    import torch
+
+    from train_mla.recipe import resume_point
+
+    out = tmp_path / "run"
+    _save_ckpt(out / "checkpoint-10", 10)
+    _save_ckpt(out / "checkpoint-20", 20)
+    for c in ("checkpoint-10", "checkpoint-20"):
+        torch.save({"state": {}}, out / c / "optimizer.pt")
+    if damage == "zeros":  # what a power loss leaves: the right length, all zeros
+        opt = out / "checkpoint-20" / "optimizer.pt"
+        opt.write_bytes(bytes(opt.stat().st_size))
+    else:
+        (out / "checkpoint-20" / "trainer_state.json").write_text(damage)
+    args = types.SimpleNamespace(resume_from_checkpoint=None, output_dir=str(out), overwrite_output_dir=False)
+    with caplog.at_level("WARNING", logger="train_mla"):
+        assert resume_point(args) == str(out / "checkpoint-10")
+    assert "checkpoint-20" in caplog.text
+    assert ("optimizer.pt is not a torch.save archive" if damage == "zeros" else "no global_step") in caplog.text
+
+
 def test_one_run_per_output_dir(tmp_path, caplog):
     import json
     import os

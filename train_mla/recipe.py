@@ -271,12 +271,18 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     if not state.is_file():
         return "trainer_state.json is missing (the save was cut short)"
     try:
-        json.loads(state.read_text())
+        loaded = json.loads(state.read_text())
     except ValueError:
         return "trainer_state.json is not valid JSON"
+    if not isinstance(loaded, dict) or not isinstance(loaded.get("global_step"), int):
+        return "trainer_state.json holds no global_step (not a trainer state)"
     empty = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.stat().st_size == 0)
     if empty:
         return f"empty file(s): {', '.join(empty[:3])}"
+    for p in sorted(ckpt.rglob("*.pt")) + sorted(ckpt.rglob("*.pth")):  # torch.save writes a zip archive
+        with open(p, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                return f"{p.relative_to(ckpt)} is not a torch.save archive (zero-filled or cut short?)"
     deepspeed = any(ckpt.glob("global_step*"))
     weights = sorted(ckpt.glob("*.safetensors"))
     if not weights and not deepspeed:
