@@ -98,7 +98,7 @@ stage_failed() {  # log
 }
 finished() {  # a complete saved model in $1 (recipe.py alone: importing the package would load transformers)
   $PY -c "import importlib.util as u, sys; from pathlib import Path; s = u.spec_from_file_location('recipe', 'train_mla/recipe.py')
-m = u.module_from_spec(s); s.loader.exec_module(m); sys.exit(m.saved_model_problem(Path(sys.argv[1])) is not None)" "$1"
+m = u.module_from_spec(s); s.loader.exec_module(m); sys.exit(m.finished_run_problem(Path(sys.argv[1])) is not None)" "$1"
 }
 # the step lines on the console, all in the log; the pipe outlives a SIGTERM so that the checkpoint's log lines land
 progress() { trap '' TERM INT; tee -a "$1" | { grep -a --line-buffered -o '\[train_mla\] .*' || true; }; }

@@ -140,11 +140,32 @@ def test_resume_takes_the_newest_complete_checkpoint_and_names_the_bad_ones(tmp_
     assert resume_point(args) == str(out / "checkpoint-10")
     _save_ckpt(tmp_path / "whole", 0)  # a complete final model is refused
     (tmp_path / "whole" / "trainer_state.json").unlink()
+    for name in ("tokenizer_config.json", "README.md"):
+        (tmp_path / "whole" / name).write_text("{}")
     args.output_dir = str(tmp_path / "whole")
     from train_mla.recipe import RecipeError
 
     with pytest.raises(RecipeError, match="finished model"):
         resume_point(args)
+
+
+def test_a_final_save_killed_before_the_tokenizer_or_card_is_not_a_finished_model(tmp_path, caplog):
+    import types
+
+    from train_mla.recipe import resume_point
+
+    out = tmp_path / "run"
+    _save_ckpt(out / "checkpoint-30", 30)
+    _save_ckpt(out / "final", 30, complete=False)
+    for f in (out / "final").iterdir():  # config and whole weights, killed before the tokenizer and model card
+        f.rename(out / f.name)
+    (out / "final").rmdir()
+    (out / "upcycled.tmp-12345").mkdir()  # killed while the upcycled model was written
+    args = types.SimpleNamespace(resume_from_checkpoint=None, output_dir=str(out), overwrite_output_dir=False)
+    with caplog.at_level("WARNING", logger="train_mla"):
+        assert resume_point(args) == str(out / "checkpoint-30")
+    assert "tokenizer_config.json and README.md missing" in caplog.text
+    assert "upcycled.tmp-12345" in caplog.text and not (out / "upcycled.tmp-12345").exists()
 
 
 @pytest.mark.parametrize("damage", ["null", "{}", "zeros"])

@@ -262,6 +262,16 @@ def saved_model_problem(folder: Path) -> str | None:
     return next((p for p in map(safetensors_problem, weights) if p), None)
 
 
+def finished_run_problem(folder: Path) -> str | None:
+    """Why `folder` holds no finished training output; None = finished. finish_run writes the weights and config, the
+    tokenizer, then the model card (README.md) last: a final model counts once every file a later step reads is there."""
+    problem = saved_model_problem(folder)
+    if problem:
+        return problem
+    missing = [n for n in ("tokenizer_config.json", "README.md") if not (folder / n).is_file()]
+    return f"{' and '.join(missing)} missing (the final save was cut short)" if missing else None
+
+
 def checkpoint_problem(ckpt: Path) -> str | None:
     """Why a checkpoint-N folder cannot be resumed from; None = complete. The Trainer writes trainer_state.json last,
     so a checkpoint counts only once it is there; every other file must be non-empty, every weight file whole."""
@@ -320,8 +330,13 @@ def resume_point(args) -> str | None:
         raise RecipeError(f"output_dir {str(out)!r} exists and is not a directory")
     if not out.is_dir() or not any(out.iterdir()) or args.overwrite_output_dir:
         return None
+    for tmp in out.glob("upcycled.tmp-*"):  # an upcycled model being written when the run was killed
+        log(f"Removing {tmp}: an upcycled model left half-written by a stopped run")
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
     last = newest_complete_checkpoint(out, log)
-    final = saved_model_problem(out) if (out / "config.json").exists() else "absent"
+    final = finished_run_problem(out) if (out / "config.json").exists() else "absent"
     if final is None:
         raise RecipeError(f"output_dir {str(out)!r} holds a finished model; choose another output_dir "
                           "or set overwrite_output_dir: true")
@@ -554,7 +569,7 @@ def finish_run(trainer, result, source_dir: str | Path, what: str) -> None:
         with full_weights_here(args):  # reload the gathered 16-bit model, whole, on this process
             export_checkpoint(args.output_dir, args.export_deepseek_dir)
         log.info(f"Exported a DeepSeek-V3 checkpoint to {args.export_deepseek_dir}")
-    problem = saved_model_problem(out)
+    problem = finished_run_problem(out)
     ckpts = sorted(out.glob("checkpoint-*"))
     if ckpts and not getattr(args, "keep_checkpoints", True) and problem is None:
         size = sum(f.stat().st_size for c in ckpts for f in c.rglob("*") if f.is_file())
