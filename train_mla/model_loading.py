@@ -116,9 +116,9 @@ def _check_hub_reachable(repo_id: str) -> None:
 
 
 def source_fingerprint(name_or_path: str) -> str:
-    """A cheap identity of a model source, to tell whether an upcycled model was made from it: the package version,
-    the hub id (its revision is recorded beside it), or for local files the hash of config.json and the names and
-    sizes of the weight files (of a .gguf: its size and the hash of its first 16 MiB)."""
+    """The identity of a model source, to tell whether an upcycled model was made from it: the package version, the
+    hub id (its revision is recorded beside it), or for local files the SHA-256 of config.json and of every weight
+    file's content (seconds for a 1B model): a source saved again in place with other weights is noticed."""
     import hashlib
 
     if name_or_path.startswith(PACKAGE_PREFIX):
@@ -131,15 +131,17 @@ def source_fingerprint(name_or_path: str) -> str:
             return f"{package} (not installed)"
     path = Path(name_or_path).expanduser()
     h = hashlib.sha256()
+    def content(f: Path) -> str:
+        with open(f, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+
     if path.is_file():
-        with open(path, "rb") as f:
-            h.update(f.read(16 << 20))
-        return f"{path.stat().st_size}:{h.hexdigest()[:16]}"
+        return f"{path.stat().st_size}:{content(path)[:16]}"
     if path.is_dir():
         if (path / "config.json").is_file():
             h.update((path / "config.json").read_bytes())
-        for w in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
-            h.update(f"{w.name}:{w.stat().st_size}".encode())
+        for w in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) + sorted(path.glob("*.gguf")):
+            h.update(f"{w.name}:{content(w)}".encode())
         return h.hexdigest()[:16]
     return "hub"
 
