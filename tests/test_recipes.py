@@ -266,8 +266,16 @@ def test_bad_dataset_files_are_named_with_the_row(tmp_path):
         mix_datasets({str(empty): 1.0}, ["train"], columns=("messages", "text"))
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": null}\n')
-    with pytest.raises(ValueError, match=r"rows\.jsonl.*row 1 \(counting from 0\) has no non-empty 'messages'"):
+    with pytest.raises(ValueError, match=r"rows\.jsonl.*row 1 \(counting from 0\) has no non-empty 'text', or 'messages'"):
         mix_datasets({str(rows): 1.0}, ["train"], columns=("messages", "text"))
+    for bad in ('{"messages": "hello"}', '{"messages": [{"role": "user", "content": 1}]}'):
+        rows.write_text(bad + "\n")
+        with pytest.raises(ValueError, match=r"row 0 .*'messages' as a list of \{'role': str, 'content': str\}"):
+            mix_datasets({str(rows): 1.0}, ["train"], columns=("messages", "text"))
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"latin\.jsonl' line 2: not UTF-8 text \(byte 0xe9 at column 14\)"):
+        mix_datasets({str(latin): 1.0}, ["train"], columns=("messages", "text"))
     with pytest.raises(FileNotFoundError, match=r"python -m train_mla\.sharegpt --output_dir .*data/sharegpt`"):
         mix_datasets({str(tmp_path / "data/sharegpt/chat_train.jsonl"): 1.0}, ["train"], columns=("messages", "text"))
 

@@ -200,6 +200,8 @@ def test_an_upcycled_folder_from_the_upcycle_command_is_reused_and_bf16_is_refus
     (["--torch_dtype", "fp32"], "torch_dtype='fp32'"),
     (["--output_dir"], "'--output_dir' has no value"),
     (["--export_deepseek_dir", "/nonexistent/ds"], "export_deepseek_dir needs use_lora_layer_norm: true"),
+    (["--init_method", "activation", "--calibration_dataset", "/nonexistent/calib.jsonl"],
+     "calibration_dataset '/nonexistent/calib.jsonl' does not exist"),
 ])
 def test_bad_settings_fail_before_any_heavy_work(tiny_run, tmp_path, override, message):
     out = ["--output_dir", tmp_path / "o"] if override != ["--output_dir"] else []

@@ -1,6 +1,7 @@
 """The dataclasses a YAML recipe is parsed into (alignment-handbook style). Every field is a documented recipe key."""
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import TrainingArguments
 
@@ -99,6 +100,13 @@ class MLAArguments:
             raise ValueError("refine_steps > 0 needs calibration_dataset (a local text or jsonl file)")
         if self.calibration_samples < 1 or self.calibration_seq_length < 2:
             raise ValueError("calibration_samples must be >= 1 and calibration_seq_length >= 2")
+
+    def calibration_problem(self) -> str | None:
+        """Why the calibration text cannot be read (checked before an upcycling starts, not when none will run)."""
+        uses = self.init_method != "svd" or self.shared_rope_key == "pca" or self.refine_steps
+        if uses and self.calibration_dataset and not Path(self.calibration_dataset).expanduser().is_file():
+            return f"calibration_dataset {self.calibration_dataset!r} does not exist (a local text or jsonl file)"
+        return None
 
 
 @dataclass

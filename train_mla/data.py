@@ -34,6 +34,13 @@ def load_source(source: str, splits: list[str]) -> dict:
             with open(path, "rb") as f:
                 if not f.read(1 << 16).strip():
                     raise ValueError(f"dataset file {source!r} is empty")
+                f.seek(0)
+                for i, line in enumerate(f, 1):  # the json and text readers' own errors name neither file nor line
+                    try:
+                        line.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise ValueError(f"dataset file {source!r} line {i}: not UTF-8 text (byte {line[e.start]:#04x} "
+                                         f"at column {e.start + 1})") from None
         return {split: load_dataset(builder, data_files=str(path), split="train", **extra)}
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
@@ -67,10 +74,17 @@ def _check_hub_reachable_dataset(repo_id: str) -> None:
 
 
 ROW_RULES = {  # what a usable row holds, by the columns a script reads
-    ("messages", "text"): (lambda r: bool(r.get("messages")) or bool(r.get("text")), "non-empty 'messages' or 'text'"),
+    ("messages", "text"): (lambda r: _chat_ok(r.get("messages")) if r.get("messages") else isinstance(r.get("text"), str)
+                           and bool(r.get("text")),
+                           "non-empty 'text', or 'messages' as a list of {'role': str, 'content': str}"),
     ("prompt", "chosen", "rejected"): (lambda r: bool(r.get("chosen")) and bool(r.get("rejected")),
                                        "non-empty 'chosen' and 'rejected'"),
 }
+
+
+def _chat_ok(messages) -> bool:
+    return isinstance(messages, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)
 
 
 def first_bad_row(ds, columns) -> int | None:

@@ -157,8 +157,12 @@ def main(argv=None):
             if args.export_deepseek_dir and not mla_args.use_lora_layer_norm:
                 raise RecipeError("export_deepseek_dir needs use_lora_layer_norm: true (DeepSeek-V3 always normalises "
                                   "the latents); set it, or drop export_deepseek_dir")
+            reusable = False
             if not args.overwrite_output_dir and args.process_index == 0:
-                check_upcycled(Path(args.output_dir) / "upcycled", upcycle_record(model_args, mla_args))
+                reusable = check_upcycled(Path(args.output_dir) / "upcycled", upcycle_record(model_args, mla_args))
+            if args.process_index == 0 and not reusable and checkpoint is None and (
+                    problem := mla_args.calibration_problem()):
+                raise RecipeError(problem)
     except (RecipeError, ModelNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
 

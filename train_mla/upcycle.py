@@ -375,6 +375,8 @@ def main(argv=None):
         if not out_args.output:
             raise RecipeError("--output DIR is required")
         refuse_existing_output(out_args.output, overwrite=False)
+        if problem := mla.calibration_problem():
+            raise RecipeError(problem)
         if note := fit_attention_to_machine(model_args):
             print(note, flush=True)
         print(f"Loading {model_args.model_name_or_path} ...", flush=True)
