@@ -4,7 +4,9 @@
 
 Each argument is a checkpoint directory (its eval/results.json is read) or a results.json file; the rows are
 assumed to share one GQA source (rows without a kv_cache record are that source). Accuracy-type
-metrics (acc_norm when the task has it, else acc) are averaged; perplexities are shown but not averaged.
+metrics (acc_norm when the task has it, else acc) are shown; the average is the one docs/results.md and the README
+quote, over ARC-Easy, LAMBADA and SIQA when the results have them (else over every accuracy task), and its column
+says which; perplexities are shown but not averaged.
 Scores carry lm-eval's standard error and the number of items; --note labels the table and the plot (run_default.sh
 says there whether the run was a CPU demonstration). Writes OUTPUT.md, OUTPUT.json and OUTPUT.png (average score
 against KV bytes per token, the paper's Figure 1 style, beside the perplexities).
@@ -15,6 +17,13 @@ import json
 from pathlib import Path
 
 PPL_KEYS = ("word_perplexity", "perplexity")
+AVERAGED = ("arc_easy_local", "lambada_local", "siqa_local")  # the headline average of the offline evaluation
+
+
+def averaged_tasks(tasks) -> list[str]:
+    """The tasks the average is taken over: the headline three when all are there, else every task given."""
+    tasks = sorted(tasks)
+    return list(AVERAGED) if all(t in tasks for t in AVERAGED) else tasks
 
 
 def load(path: str) -> dict:
@@ -45,7 +54,7 @@ def row(res: dict, label: str) -> dict:
     kv = res.get("kv_cache")  # MLA checkpoints carry their kv_cache.json; a GQA source has none
     mla_bytes, src_bytes = (kv["mla_bytes_per_token"], kv["source_bytes_per_token"]) if kv else (None, None)
     return {"label": label, "scores": scores, "stderr": stderr, "n": n, "perplexity": ppl, "perplexity_metric": ppl_metric,
-            "average": sum(scores.values()) / len(scores) if scores else None,
+            "average": sum(scores[t] for t in averaged_tasks(scores)) / len(averaged_tasks(scores)) if scores else None,
             "kv_bytes_per_token": mla_bytes, "source_kv_bytes_per_token": src_bytes}
 
 
@@ -56,7 +65,9 @@ def table(rows: list[dict], note: str | None = None) -> str:
     ppl_tasks = sorted({t for r in rows for t in r["perplexity"]})
     metric = {t: next(r["perplexity_metric"][t] for r in rows if t in r["perplexity"]) for t in ppl_tasks}
     with_avg = len(tasks) > 1
-    head = ["model", "KV bytes/token", "KV vs source"] + tasks + (["avg"] if with_avg else [])
+    avg_of = averaged_tasks(tasks)
+    head = ["model", "KV bytes/token", "KV vs source"] + tasks
+    head += ([f"avg of {len(avg_of)}" if avg_of != tasks else "avg"] if with_avg else [])
     head += [f"{t} ({metric[t]})" for t in ppl_tasks]
     lines = ([f"**{note}**", ""] if note else []) + ["| " + " | ".join(head) + " |",
                                                      "|" + "---|" + "---:|" * (len(head) - 1)]
@@ -68,11 +79,11 @@ def table(rows: list[dict], note: str | None = None) -> str:
                   if t in r["scores"] else "-" for t in tasks]
         if with_avg:
             cells += [f"{r['average']:.2f}" if r["average"] is not None else "-"]
-        cells += [f"{r['perplexity'][t]:.3f}" if t in r["perplexity"] else "-" for t in ppl_tasks]
+        cells += [f"{r['perplexity'][t]:,.2f}" if t in r["perplexity"] else "-" for t in ppl_tasks]
         lines.append("| " + " | ".join(cells) + " |")
     n = {t: next((r["n"][t] for r in rows if t in r["n"]), None) for t in tasks + ppl_tasks}
-    lines += ["", "Scores: acc_norm where the task has it, else acc, in %, ± one standard error (lm-eval's). Items per "
-              "task: " + ", ".join(f"{t} {v:,}" for t, v in n.items() if v) + "."]
+    lines += ["", "Scores: acc_norm where the task has it, else acc, in %, ± one standard error (lm-eval's)"
+              + (f"; the average is over {', '.join(avg_of)}" if with_avg else "") + ". Items per task: " + ", ".join(f"{t} {v:,}" for t, v in n.items() if v) + "."]
     return "\n".join(lines)
 
 
