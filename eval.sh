@@ -51,7 +51,14 @@ PY=${PYTHON:-python3}
 # Resolve local paths before lm-eval runs from the repository root; fail fast on a missing one.
 resolved=()
 for c in "${ckpts[@]}"; do
-  if [ -e "$c" ]; then
+  if [ -d "$c" ]; then  # a model folder: config and whole weights (safetensors checked, or .bin), before lm-eval starts
+    problem=$(cd "$(dirname "$0")" && ${PYTHON:-python3} -c "import importlib.util as u, sys; from pathlib import Path
+s = u.spec_from_file_location('recipe', 'train_mla/recipe.py'); m = u.module_from_spec(s); s.loader.exec_module(m)
+d = Path(sys.argv[1]); bin_only = list(d.glob('*.bin')) and not list(d.glob('*.safetensors'))
+print('' if bin_only and (d / 'config.json').is_file() else m.saved_model_problem(d) or '')" "$(cd "$c" && pwd)")
+    if [ -n "$problem" ]; then echo "eval.sh: '$c' holds no complete model ($problem)" >&2; exit 2; fi
+    resolved+=("$(cd "$c" && pwd)")
+  elif [ -e "$c" ]; then
     resolved+=("$(cd "$(dirname "$c")" && pwd)/$(basename "$c")")
   elif [[ "$c" == package:* ]] || [[ "$c" =~ ^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$ && ! "$c" =~ ^\. ]]; then
     resolved+=("$c")   # a hub id or a packaged model: checked (offline too) by train_mla.evaluate

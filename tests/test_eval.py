@@ -71,6 +71,13 @@ def test_eval_sh_fails_fast_on_bad_input(tmp_path):
     assert r.returncode == 2 and "does not exist" in r.stderr
     r = subprocess.run(["bash", str(REPO / "eval.sh"), "--tasks", "offline"], env=ENV, capture_output=True, text=True)
     assert r.returncode == 2 and "no checkpoint" in r.stderr
+    empty = tmp_path / "no_weights"
+    empty.mkdir()
+    (empty / "config.json").write_text("{}")
+    r = subprocess.run(["bash", str(REPO / "eval.sh"), str(empty), "--tasks", "offline"], env=ENV, capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "holds no complete model (no .safetensors weights)" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
 
 
 def test_a_second_evaluation_keeps_the_first(tmp_path):

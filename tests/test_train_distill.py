@@ -176,6 +176,29 @@ def test_a_leftover_upcycled_model_is_reused_only_for_the_same_settings(tiny_run
     assert json.loads((other / "config.json").read_text())["kv_lora_rank"] == 16
 
 
+def test_a_bf16_recipe_on_several_cpu_processes_is_one_line(tiny_run, tmp_path):
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "deepspeed_zero3.yaml"),
+                "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "29507"]
+    r = _run(tiny_run / "recipe.yaml", "--output_dir", tmp_path / "o", "--bf16", "true", "--use_cpu", "false",
+             launcher=launcher)
+    assert r.returncode != 0
+    ours = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and "2 processes were launched on a machine without a GPU" in ours[0], r.stderr[-3000:]
+    assert "python train_mla/train_distill.py RECIPE" in ours[0]
+
+
+def test_a_checkpoint_of_another_recipe_is_refused_before_any_heavy_work(tiny_run, tmp_path):
+    full = tiny_run / "full"
+    if not (full / "checkpoint-10").is_dir():
+        pytest.skip("needs the run of test_loss_falls_and_resume_reproduces_an_uninterrupted_run")
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copytree(full / "checkpoint-10", other / "checkpoint-10")  # made with kv_lora_rank 16
+    r = _run(tiny_run / "recipe.yaml", "--output_dir", other, "--kv_lora_rank", 8)
+    assert r.returncode != 0 and "kv_lora_rank: 16 there, 8 in the recipe" in r.stderr, r.stderr[-2000:]
+    assert "Tokenis" not in r.stdout + r.stderr and "Traceback" not in r.stderr
+
+
 def test_an_upcycled_folder_from_the_upcycle_command_is_reused_and_bf16_is_refused(tiny_run, tmp_path):
     """`python -m train_mla.upcycle RECIPE --torch_dtype float32 --output RUN/upcycled` writes what stage 1 would:
     stage 1 reuses it; written in bfloat16 it is refused before any heavy work (no fp32 master weights from it)."""

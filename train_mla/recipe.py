@@ -510,7 +510,14 @@ def start_run(types_, argv, description: str):
             OutputLock(parsed[-1].output_dir).acquire()
         checkpoint = resume_point(parsed[-1])
     except RecipeError as e:
-        raise SystemExit(f"error: {e}") from None
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1 and int(os.environ.get("RANK", "0")) != 0:
+            raise SystemExit(2) from None  # every process finds the same error: the first one says it, once
+        hint = ""
+        if world > 1 and not gpu:
+            hint = (f" ({world} processes were launched on a machine without a GPU: add --bf16 false for CPU processes, "
+                    f"or run one process, python train_mla/{Path(sys.argv[0]).name} RECIPE, which trains on the CPU)")
+        raise SystemExit(f"error: {e}{hint}") from None
     import transformers
     from transformers import set_seed
 

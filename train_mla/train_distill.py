@@ -64,6 +64,28 @@ def check_upcycled(path: Path, record: dict) -> bool:
     return True
 
 
+SHAPE_KEYS = ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
+              "use_lora_layer_norm", "mla_layers")
+
+
+def check_checkpoint_shapes(checkpoint: Path, wanted, mla_args) -> None:
+    """A checkpoint made by another recipe (other ranks or widths) is refused before any data or model loads. Per-layer
+    ranks chosen from the weights (energy ratios, allocation) are known only after upcycling: checked then, by loading."""
+    import json
+
+    if mla_args.q_energy_ratio or mla_args.kv_energy_ratio or mla_args.allocate_kv_rank:
+        return
+    config = checkpoint / "config.json"
+    if not config.is_file():
+        return
+    saved = json.loads(config.read_text())
+    diff = [k for k in SHAPE_KEYS if k in saved and saved[k] != getattr(wanted, k)]
+    if diff:
+        shown = "; ".join(f"{k}: {saved[k]!r} there, {getattr(wanted, k)!r} in the recipe" for k in diff)
+        raise RecipeError(f"{checkpoint} was trained with other MLA shapes ({shown}): choose another output_dir, or "
+                          "resume it with the recipe it was made with")
+
+
 def _get(d: dict, dotted: str):
     for part in dotted.split("."):
         d = d.get(part) if isinstance(d, dict) else None
@@ -151,9 +173,11 @@ def main(argv=None):
                               "would be refused; choose another folder")
         if not continuing:
             try:
-                build_config(load_config(model_args.model_name_or_path, model_args.model_revision), mla_args)
+                wanted = build_config(load_config(model_args.model_name_or_path, model_args.model_revision), mla_args)
             except ValueError as e:
                 raise RecipeError(f"the MLA settings do not fit {model_args.model_name_or_path}: {e}") from None
+            if checkpoint:
+                check_checkpoint_shapes(Path(checkpoint), wanted, mla_args)
             if args.export_deepseek_dir and not mla_args.use_lora_layer_norm:
                 raise RecipeError("export_deepseek_dir needs use_lora_layer_norm: true (DeepSeek-V3 always normalises "
                                   "the latents); set it, or drop export_deepseek_dir")
