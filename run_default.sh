@@ -96,9 +96,11 @@ stage_failed() {  # log
   fi
   tail -20 "$1"; exit 1
 }
-finished() {  # a complete saved model in $1 (recipe.py alone: importing the package would load transformers)
+finished() {  # $1 holds a finished training output ($2 = saved_model_problem: a complete converted model); recipe.py
+  # alone: importing the package would load transformers
   $PY -c "import importlib.util as u, sys; from pathlib import Path; s = u.spec_from_file_location('recipe', 'train_mla/recipe.py')
-m = u.module_from_spec(s); s.loader.exec_module(m); sys.exit(m.finished_run_problem(Path(sys.argv[1])) is not None)" "$1"
+m = u.module_from_spec(s); s.loader.exec_module(m); sys.exit(getattr(m, sys.argv[2])(Path(sys.argv[1])) is not None)" \
+    "$1" "${2:-finished_run_problem}"
 }
 # the step lines on the console, all in the log; the pipe outlives a SIGTERM so that the checkpoint's log lines land
 progress() { trap '' TERM INT; tee -a "$1" | { grep -a --line-buffered -o '\[train_mla\] .*' || true; }; }
@@ -152,7 +154,7 @@ else
     | progress "$OUT/stage1.log" || stage_failed "$OUT/stage1.log"
 fi
 if [ "$gpu" != 1 ]; then  # what a CPU can show honestly: the initialisation, the paper's against this repo's, same cache
-  if finished "$OUT/paper_init"; then stamp "paper's init: already upcycled"
+  if finished "$OUT/paper_init" saved_model_problem; then stamp "paper's init: already upcycled"
   else
     stamp "2/5 step 0 of the paper's init for comparison (smollm2_135M/mla_kv_rank_16_xecomla.yaml, log: $OUT/paper_init.log)"
     rm -rf "$OUT/paper_init"  # a half-written one from an earlier try

@@ -80,6 +80,8 @@ def test_refuses_a_finished_output_dir_and_bad_recipes(tiny_run):
     done.mkdir()
     (done / "config.json").write_text("{}")
     save_file({"w": torch.ones(4)}, done / "model.safetensors")
+    for name in ("tokenizer_config.json", "README.md"):  # what finish_run writes after the weights
+        (done / name).write_text("{}")
     r = _run(tiny_run / "recipe.yaml", "--output_dir", done)
     assert r.returncode != 0 and "finished model" in r.stderr
     (done / "model.safetensors").write_bytes(b"")  # a final save cut short, with no checkpoint to resume from
