@@ -160,12 +160,12 @@ def test_a_final_save_killed_before_the_tokenizer_or_card_is_not_a_finished_mode
     for f in (out / "final").iterdir():  # config and whole weights, killed before the tokenizer and model card
         f.rename(out / f.name)
     (out / "final").rmdir()
-    (out / "upcycled.tmp-12345").mkdir()  # killed while the upcycled model was written
+    (out / "upcycled.tmp-999999999").mkdir()  # killed while the upcycled model was written (process gone)
     args = types.SimpleNamespace(resume_from_checkpoint=None, output_dir=str(out), overwrite_output_dir=False)
     with caplog.at_level("WARNING", logger="train_mla"):
         assert resume_point(args) == str(out / "checkpoint-30")
     assert "tokenizer_config.json and README.md missing" in caplog.text
-    assert "upcycled.tmp-12345" in caplog.text and not (out / "upcycled.tmp-12345").exists()
+    assert "upcycled.tmp-999999999" in caplog.text and not (out / "upcycled.tmp-999999999").exists()
 
 
 @pytest.mark.parametrize("damage", ["null", "{}", "zeros"])

@@ -60,9 +60,11 @@ def packaged_model_dir(package: str) -> Path:
 
     import shutil
 
+    from .recipe import process_alive
+
     for stale in cache.parent.glob(cache.name + ".tmp*"):  # a conversion killed midway, by a process now gone
         pid = stale.name.rsplit(".tmp", 1)[-1]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             print(f"Removing {stale}, a conversion left by process {pid}", flush=True)
             shutil.rmtree(stale, ignore_errors=True)
     src, gguf = list(spec.submodule_search_locations)[0], PACKAGED_GGUF[package]
@@ -79,16 +81,6 @@ def packaged_model_dir(package: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # the loser of two concurrent conversions drops its copy
     return cache
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def _drop_gguf_marks(model) -> None:

@@ -330,11 +330,13 @@ def resume_point(args) -> str | None:
         raise RecipeError(f"output_dir {str(out)!r} exists and is not a directory")
     if not out.is_dir() or not any(out.iterdir()) or args.overwrite_output_dir:
         return None
-    for tmp in out.glob("upcycled.tmp-*"):  # an upcycled model being written when the run was killed
-        log(f"Removing {tmp}: an upcycled model left half-written by a stopped run")
-        import shutil
+    for tmp in out.glob("upcycled.tmp-*"):  # an upcycled model being written when its run was killed
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not process_alive(int(pid)):
+            import shutil
 
-        shutil.rmtree(tmp, ignore_errors=True)
+            log(f"Removing {tmp}: an upcycled model left half-written by a stopped run (process {pid})")
+            shutil.rmtree(tmp, ignore_errors=True)
     last = newest_complete_checkpoint(out, log)
     final = finished_run_problem(out) if (out / "config.json").exists() else "absent"
     if final is None:
@@ -347,7 +349,8 @@ def resume_point(args) -> str | None:
         log(f"The final model in {out} is incomplete ({final}): resuming from {last}, which saves it again")
     if last is not None:
         return last
-    unknown = sorted(p.name for p in out.iterdir() if p.name not in KNOWN_RUN_ENTRIES and not p.name.startswith("checkpoint-"))
+    unknown = sorted(p.name for p in out.iterdir() if p.name not in KNOWN_RUN_ENTRIES
+                     and not p.name.startswith(("checkpoint-", "upcycled.tmp-")))
     if unknown:
         raise RecipeError(f"output_dir {str(out)!r} is not empty ({', '.join(unknown[:5])}); choose another "
                           "output_dir or set overwrite_output_dir: true")
@@ -389,7 +392,7 @@ class OutputLock:
                         f"Taking over the lock {self.path}: it is empty or unreadable (left by a killed run)")
                     self.path.unlink(missing_ok=True)
                     continue
-                if owner.get("host") == me["host"] and not _alive(owner.get("pid")):
+                if owner.get("host") == me["host"] and not process_alive(owner.get("pid")):
                     logging.getLogger("train_mla").warning(
                         f"Taking over the stale lock {self.path} of process {owner.get('pid')} (no longer running)")
                     self.path.unlink(missing_ok=True)
@@ -428,7 +431,7 @@ def _read_lock(path: Path) -> dict | None:
     return owner if isinstance(owner, dict) and owner else None
 
 
-def _alive(pid) -> bool:
+def process_alive(pid) -> bool:
     import os
 
     if not isinstance(pid, int) or pid <= 0:
