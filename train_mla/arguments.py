@@ -127,7 +127,7 @@ class DataArguments:
         "help": "With packing: restart positions at each document and mask attention across documents."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
     processed_cache_dir: str | None = field(default=None, metadata={
-        "help": "Where tokenised/packed data is cached (default ~/.cache/train_mla/processed)."})
+        "help": "Where tokenised/packed data is cached (default $TRAIN_MLA_CACHE/processed, ~/.cache/train_mla/processed)."})
 
     def __post_init__(self):
         if not self.dataset_mixer:

@@ -176,7 +176,8 @@ def prepare_lm_dataset(data_args, tokenizer, seed: int = 42, log=print):
                       "tokenizer": [tokenizer.name_or_path, len(tokenizer), tokenizer.chat_template,
                                     tokenizer.bos_token_id, tokenizer.eos_token_id],
                       "seed": seed, "mtimes": _mtimes(data_args.dataset_mixer), "version": 2}, sort_keys=True)
-    root = Path(data_args.processed_cache_dir or Path.home() / ".cache" / "train_mla" / "processed")
+    root = Path(data_args.processed_cache_dir
+                or Path(os.environ.get("TRAIN_MLA_CACHE", Path.home() / ".cache" / "train_mla")) / "processed")
     cache = root / hashlib.sha256(key.encode()).hexdigest()[:16]
     if (cache / "dataset_dict.json").is_file():
         log(f"Using tokenised data cached in {cache}")
