@@ -116,7 +116,7 @@ finish() {  # await the oldest evaluation, saying every EVAL_PROGRESS_S (default
   while kill -0 "$pid" 2>/dev/null; do
     sleep 2; waited=$((waited + 2))
     if [ $((waited % ${EVAL_PROGRESS_S:-60})) = 0 ]; then
-      at=$(tail -c 4000 "$OUT/eval/$name/eval.log" 2>/dev/null | tr '\r' '\n' | grep -a -o '[A-Za-z ]*requests: *[0-9]*%' | tail -1)
+      at=$(tail -c 4000 "$OUT/eval/$name/eval.log" 2>/dev/null | tr '\r' '\n' | grep -a -o '[A-Za-z ]*requests: *[0-9]*%' | tail -1 || true)
       stamp "eval $name: ${at:-loading the model and tasks} (${waited} s)"
     fi
   done
