@@ -34,11 +34,8 @@ OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin", "latest", "zero_to_fp32.py")
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 class _PartWriter(io.RawIOBase):
@@ -47,7 +44,6 @@ class _PartWriter(io.RawIOBase):
     def __init__(self, folder: Path, name: str, size: int):
         self.folder, self.name, self.size = folder, name, size
         self.parts, self._f, self._h, self._n = [], None, None, 0
-        self.total = hashlib.sha256()
 
     def writable(self):
         return True
@@ -55,7 +51,7 @@ class _PartWriter(io.RawIOBase):
     def _close_part(self):
         if self._f is not None:
             self._f.close()
-            self.parts.append({"file": self._f.name.rsplit("/", 1)[-1], "bytes": self._n, "sha256": self._h.hexdigest()})
+            self.parts.append({"file": Path(self._f.name).name, "bytes": self._n, "sha256": self._h.hexdigest()})
             self._f = None
 
     def write(self, b):
@@ -70,7 +66,6 @@ class _PartWriter(io.RawIOBase):
             chunk = b[done: done + k]
             self._f.write(chunk)
             self._h.update(chunk)
-            self.total.update(chunk)
             self._n += k
             done += k
         return len(b)
@@ -113,7 +108,8 @@ def pack(ckpt: Path, parts_dir: Path, weights_only: bool = False, weights_dtype:
     if weights_dtype not in ("float32", "bfloat16"):
         raise SystemExit(f"error: --weights_dtype {weights_dtype}: float32 or bfloat16")
     if weights_dtype == "bfloat16" and not weights_only:
-        raise SystemExit("error: --weights_dtype bfloat16 goes with --weights_only (a whole checkpoint resumes exactly)")
+        raise SystemExit("error: --weights_dtype bfloat16 goes with --weights_only "
+                         "(a whole checkpoint resumes exactly)")
     name = ckpt.name
     parts_dir.mkdir(parents=True, exist_ok=True)
     if any(parts_dir.glob(f"{name}.*")):
@@ -144,8 +140,7 @@ def pack(ckpt: Path, parts_dir: Path, weights_only: bool = False, weights_dtype:
                                          indent=1).encode())
     writer.close()
     manifest = {"checkpoint": name, "global_step": state.get("global_step"), "weights_only": weights_only,
-                "weights_dtype": weights_dtype, "parts": writer.parts, "sha256": writer.total.hexdigest(),
-                "files": files}
+                "weights_dtype": weights_dtype, "parts": writer.parts, "files": files}
     (parts_dir / f"{name}.manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     total = sum(p["bytes"] for p in writer.parts)
     log(f"[transfer] packed {ckpt} (step {manifest['global_step']}{', weights only' if weights_only else ''}) into "
@@ -188,10 +183,11 @@ def unpack(parts_dir: Path, run_dir: Path, log=print) -> Path:
     for p in parts:  # every part present, whole and unchanged before anything is written
         path = parts_dir / p["file"]
         if not path.is_file():
-            raise SystemExit(f"error: part {path} is missing (the manifest lists {len(parts)} parts); nothing was written")
+            raise SystemExit(f"error: part {path} is missing (the manifest lists {len(parts)} parts); "
+                             "nothing was written")
         if path.stat().st_size != p["bytes"] or _sha256(path) != p["sha256"]:
-            raise SystemExit(f"error: part {path} is damaged (size or SHA-256 differs from {manifests[0].name}); copy it "
-                             "again; nothing was written")
+            raise SystemExit(f"error: part {path} is damaged (size or SHA-256 differs from {manifests[0].name}); "
+                             "copy it again; nothing was written")
     target = run_dir / name
     if target.exists():
         raise SystemExit(f"error: {target} exists; nothing was written")

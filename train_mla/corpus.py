@@ -59,14 +59,18 @@ def normal_title(title: str) -> str:
     return " ".join(words_of(title))
 
 
-def ngram_hashes(words: list[str], n: int) -> np.ndarray:
-    """A 64-bit hash of every run of n consecutive words (uint64[len(words) - n + 1]; empty when shorter)."""
-    if len(words) < n:
+def word_ids(words: list[str]) -> np.ndarray:
+    """A 64-bit hash per word (uint64[len(words)]), consistent within one process."""
+    return np.fromiter((hash(w) & 0xFFFFFFFFFFFFFFFF for w in words), np.uint64, len(words))
+
+
+def ngram_hashes(ids: np.ndarray, n: int) -> np.ndarray:
+    """A 64-bit hash of every run of n consecutive word ids (uint64[len(ids) - n + 1]; empty when shorter)."""
+    if len(ids) < n:
         return np.empty(0, np.uint64)
-    ids = np.fromiter((hash(w) & 0xFFFFFFFFFFFFFFFF for w in words), np.uint64, len(words))
-    out = np.zeros(len(words) - n + 1, np.uint64)
+    out = np.zeros(len(ids) - n + 1, np.uint64)
     for i in range(n):  # polynomial rolling hash, wrapping at 2^64
-        out = out * _PRIME + ids[i: len(words) - n + 1 + i]
+        out = out * _PRIME + ids[i: len(ids) - n + 1 + i]
     return out
 
 
@@ -139,7 +143,7 @@ class EvalIndex:
                     self.short_skipped[task] += 1
                     continue
                 m = min(n, len(w))
-                hashes[m].append((ngram_hashes(w, m), task))
+                hashes[m].append((ngram_hashes(word_ids(w), m), task))
                 self.items[task] += 1
         self.tables = {}  # length -> (sorted hashes, task index per hash)
         self.tasks = sorted(texts)
@@ -159,8 +163,9 @@ class EvalIndex:
 
     def overlap_task(self, words: list[str]) -> str | None:
         """The first evaluation task sharing an n-gram with `words`, or None."""
+        ids = word_ids(words)  # once, for every n-gram length
         for m, (table, task_of) in self.tables.items():
-            h = ngram_hashes(words, m)
+            h = ngram_hashes(ids, m)
             if len(h) == 0:
                 continue
             i = np.minimum(np.searchsorted(table, h), len(table) - 1)
@@ -295,12 +300,13 @@ def build(sources: list[Path], index: EvalIndex | None, min_words: int = 100, se
                     if kind == "wikipedia":
                         report["removed_titles"][task].append(title)
                     continue
-                if len(piece.split()) < min_words // 2:
+                n_words = len(piece.split())
+                if n_words < min_words // 2:
                     counts["sections dropped: short scrap"] += 1  # e.g. a book's last lines
                     continue
                 seen_text.add(digest)
                 kept.append(piece)
-                words_kept += len(piece.split())
+                words_kept += n_words
                 counts["sections kept"] += 1
             if max_documents and counts["documents read"] >= max_documents:
                 break
@@ -369,7 +375,8 @@ def main(argv=None):
             line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
             f.write(line)
             digest.update(line.encode())
-    report.update(rows=len(kept), words=sum(len(t.split()) for t in kept), sha256=digest.hexdigest(),
+    report.update(rows=len(kept), words=sum(r["words kept"] for r in report["sources"].values()),
+                  sha256=digest.hexdigest(),
                   ngram=a.ngram, min_words=a.min_words, section_words=a.section_words, seed=a.seed,
                   decontaminated=index is not None,
                   eval_items=dict(index.items) if index else None)

@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # run as a file (accelerate launch train_mla/trai
 
 
 from train_mla.arguments import DataArguments, DistillConfig, MLAArguments, ModelArguments
+from train_mla.checkpoint_transfer import CONTINUATION
 from train_mla.recipe import RecipeError, finish_run, start_run
 
 logger = logging.getLogger("train_mla")
@@ -70,7 +71,7 @@ SHAPE_KEYS = ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_d
 
 def check_checkpoint_shapes(checkpoint: Path, wanted, mla_args) -> None:
     """A checkpoint made by another recipe (other ranks or widths) is refused before any data or model loads. Per-layer
-    ranks chosen from the weights (energy ratios, allocation) are known only after upcycling: checked then, by loading."""
+    ranks chosen from the weights (energy ratios, allocation) are known only after upcycling: checked by loading."""
     import json
 
     if mla_args.q_energy_ratio or mla_args.kv_energy_ratio or mla_args.allocate_kv_rank:
@@ -92,7 +93,7 @@ def _get(d: dict, dotted: str):
     return d
 
 
-def build_student(model_args, mla_args, args, tokenizer, checkpoint=None):
+def build_student(model_args, mla_args, args, tokenizer, checkpoint=None, record=None):
     """MLA student: continued from an MLA checkpoint, or upcycled once (main process) into output_dir/upcycled. A run
     resumed from a checkpoint brought from another machine (no upcycled/ beside it) is built from the checkpoint."""
     import os
@@ -115,7 +116,7 @@ def build_student(model_args, mla_args, args, tokenizer, checkpoint=None):
         path = source
     else:
         path = Path(args.output_dir) / "upcycled"
-        record = upcycle_record(model_args, mla_args)
+        record = record or upcycle_record(model_args, mla_args)  # hashes the source's weights: once per run
         with args.main_process_first(desc="upcycle"):
             if args.overwrite_output_dir and path.exists() and args.process_index == 0:
                 shutil.rmtree(path)
@@ -153,6 +154,7 @@ def main(argv=None):
 
     # -- cheap checks before anything heavy: tokenizers, the teacher's vocabulary, the MLA shapes against the source's
     #    config (read alone), a leftover upcycled model
+    record = None  # what made the upcycled model (its source's content hash), computed once
     try:
         tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision, data_args.chat_template)
         teacher_name = args.teacher_model_name_or_path
@@ -162,7 +164,7 @@ def main(argv=None):
                 raise RecipeError("teacher_model_name_or_path is required when continuing from an MLA checkpoint")
             teacher_name = model_args.model_name_or_path
         check_same_vocabulary(tokenizer, load_tokenizer(teacher_name), model_args.model_name_or_path, teacher_name)
-        if checkpoint and Path(checkpoint, "continuation.json").is_file() and (
+        if checkpoint and Path(checkpoint, CONTINUATION).is_file() and (
                 args.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"):
             raise RecipeError(f"{checkpoint} is a weights-only checkpoint (no optimizer state); DeepSpeed resumes only "
                               "from its own whole checkpoints: continue in a single process, `python "
@@ -183,7 +185,8 @@ def main(argv=None):
                                   "the latents); set it, or drop export_deepseek_dir")
             reusable = False
             if not args.overwrite_output_dir and args.process_index == 0:
-                reusable = check_upcycled(Path(args.output_dir) / "upcycled", upcycle_record(model_args, mla_args))
+                record = upcycle_record(model_args, mla_args)
+                reusable = check_upcycled(Path(args.output_dir) / "upcycled", record)
             if args.process_index == 0 and not reusable and checkpoint is None and (
                     problem := mla_args.calibration_problem()):
                 raise RecipeError(problem)
@@ -198,7 +201,7 @@ def main(argv=None):
     if checkpoint:
         logger.info(f"Resuming from {checkpoint}")
 
-    student, student_dir = build_student(model_args, mla_args, args, tokenizer, checkpoint)
+    student, student_dir = build_student(model_args, mla_args, args, tokenizer, checkpoint, record)
     if args.freeze_non_mla:
         for name, p in student.named_parameters():
             p.requires_grad_(".self_attn." in name and int(name.split(".")[2]) in student.config.mla_layer_ids)
