@@ -53,7 +53,7 @@ resolved=()
 for c in "${ckpts[@]}"; do
   if [ -d "$c" ]; then  # a model folder: config and whole weights (safetensors checked, or .bin), before lm-eval starts
     problem=$(cd "$(dirname "$0")" && ${PYTHON:-python3} -c "import importlib.util as u, sys; from pathlib import Path
-s = u.spec_from_file_location('recipe', 'train_mla/recipe.py'); m = u.module_from_spec(s); s.loader.exec_module(m)
+s = u.spec_from_file_location('recipe', 'train_mla/training/recipe.py'); m = u.module_from_spec(s); s.loader.exec_module(m)
 d = Path(sys.argv[1]); bin_only = list(d.glob('*.bin')) and not list(d.glob('*.safetensors'))
 print('' if bin_only and (d / 'config.json').is_file() else m.saved_model_problem(d) or '')" "$(cd "$c" && pwd)")
     if [ -n "$problem" ]; then echo "eval.sh: '$c' holds no complete model ($problem)" >&2; exit 2; fi

@@ -98,7 +98,7 @@ stage_failed() {  # log
 }
 finished() {  # $1 holds a finished training output ($2 = saved_model_problem: a complete converted model); recipe.py
   # alone: importing the package would load transformers
-  $PY -c "import importlib.util as u, sys; from pathlib import Path; s = u.spec_from_file_location('recipe', 'train_mla/recipe.py')
+  $PY -c "import importlib.util as u, sys; from pathlib import Path; s = u.spec_from_file_location('recipe', 'train_mla/training/recipe.py')
 m = u.module_from_spec(s); s.loader.exec_module(m); sys.exit(getattr(m, sys.argv[2])(Path(sys.argv[1])) is not None)" \
     "$1" "${2:-finished_run_problem}"
 }

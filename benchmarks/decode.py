@@ -25,13 +25,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from shapes import LLAMA_1B, MLA_1B, MLA_TINY, TINY, config  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
-from shapes import LLAMA_1B, MLA_1B, MLA_TINY, TINY, config  # noqa: E402
-from train_mla import decode_attention as da  # noqa: E402
-from train_mla.engine import Engine  # noqa: E402
-from train_mla.kv_cache_size import kv_cache_table  # noqa: E402
-from train_mla.modeling_llama_mla import LlamaMLAForCausalLM  # noqa: E402
+from train_mla.inference import triton_decode as tk  # noqa: E402
+from train_mla.inference.engine import Engine  # noqa: E402
+from train_mla.model.kv_cache_size import kv_cache_table  # noqa: E402
+from train_mla.model.modeling_llama_mla import LlamaMLAForCausalLM  # noqa: E402
 
 
 def build_models(smoke: bool, device, dtype):
@@ -39,7 +39,10 @@ def build_models(smoke: bool, device, dtype):
     mla_cfg = config(TINY if smoke else LLAMA_1B, MLA_TINY if smoke else MLA_1B)
     torch.manual_seed(0)
     with torch.device(device):
-        models = {"GQA (Llama-3.2-1B shape)": LlamaForCausalLM(src_cfg), "MLA kv 64 + rope 32": LlamaMLAForCausalLM(mla_cfg)}
+        models = {
+            "GQA (Llama-3.2-1B shape)": LlamaForCausalLM(src_cfg),
+            "MLA kv 64 + rope 32": LlamaMLAForCausalLM(mla_cfg),
+        }
     return {k: m.to(dtype).eval() for k, m in models.items()}, kv_cache_table(src_cfg, mla_cfg)
 
 
@@ -91,8 +94,13 @@ def time_decode(engine, logits, positions, steps, device):
 
 
 def run_point(model, name, batch, context, args, device, bandwidth, replicate=False):
-    engine = Engine(model, max_batch_size=batch, max_seq_len=context + args.steps + 8, compile=args.compile,
-                    prefill_tokens=args.prefill_tokens)
+    engine = Engine(
+        model,
+        max_batch_size=batch,
+        max_seq_len=context + args.steps + 8,
+        compile=args.compile,
+        prefill_tokens=args.prefill_tokens,
+    )
     g = torch.Generator().manual_seed(batch * 100003 + context)
     vocab = model.config.vocab_size
     sync(device)
@@ -104,20 +112,30 @@ def run_point(model, name, batch, context, args, device, bandwidth, replicate=Fa
                 tensor[1:] = tensor[:1]
         logits = logits.expand(batch, -1)
     else:
-        logits = engine.prefill([torch.randint(0, vocab, (context,), generator=g).tolist() for _ in range(batch)],
-                                list(range(batch)))
+        logits = engine.prefill(
+            [torch.randint(0, vocab, (context,), generator=g).tolist() for _ in range(batch)], list(range(batch))
+        )
     sync(device)
     prefill_s = time.perf_counter() - t
     step_s, positions = time_decode(engine, logits, torch.full((batch,), context, device=device), args.steps, device)
     bpt = engine.cache_bytes_per_token()
     mean_len = context + 3 + (args.steps + 1) / 2  # average attended length over the timed steps
     read = weight_bytes(model) + batch * mean_len * bpt
-    row = {"model": name, "batch": batch, "context": context, "decode_tokens_per_s": batch / step_s,
-           "step_ms": 1e3 * step_s, "prefill_s": prefill_s, "prefilled": "replicated" if replicate else "real",
-           "cache_bytes_per_token": bpt, "cache_bytes_used": batch * context * bpt,
-           "cache_bytes_allocated": bpt * engine.max_batch_size * engine.max_seq_len,
-           "bytes_read_per_step": read, "hbm_bound_fraction": read / bandwidth / step_s,
-           "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None}
+    row = {
+        "model": name,
+        "batch": batch,
+        "context": context,
+        "decode_tokens_per_s": batch / step_s,
+        "step_ms": 1e3 * step_s,
+        "prefill_s": prefill_s,
+        "prefilled": "replicated" if replicate else "real",
+        "cache_bytes_per_token": bpt,
+        "cache_bytes_used": batch * context * bpt,
+        "cache_bytes_allocated": bpt * engine.max_batch_size * engine.max_seq_len,
+        "bytes_read_per_step": read,
+        "hbm_bound_fraction": read / bandwidth / step_s,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
+    }
     del engine, logits
     gc.collect()  # free the engine's cache and CUDA-graph pool before the next point allocates its own
     if device.type == "cuda":
@@ -142,8 +160,13 @@ def hf_generate(model, name, batch, context, steps, device):
     run(2)  # warm-up
     only_prefill, full = run(1), run(steps + 1)
     step_s = (full - only_prefill) / steps
-    return {"model": name, "batch": batch, "context": context, "decode_tokens_per_s": batch / step_s,
-            "step_ms": 1e3 * step_s}
+    return {
+        "model": name,
+        "batch": batch,
+        "context": context,
+        "decode_tokens_per_s": batch / step_s,
+        "step_ms": 1e3 * step_s,
+    }
 
 
 def check_engine(models, device, dtype):
@@ -157,21 +180,37 @@ def check_engine(models, device, dtype):
         tokens, positions = logits[0].argmax(-1), torch.tensor([37, 5], device=device)
         a, b = fast.decode(tokens, positions).clone(), plain.decode(tokens, positions)
         with torch.no_grad():
-            full = torch.stack([model(torch.tensor([p + [int(t)]], device=device)).logits[0, -1].float()
-                                for p, t in zip(prompts, tokens)])
-        out[name] = {"engine_vs_plain": float((a - b).abs().max()), "engine_vs_full_forward": float((a - full).abs().max()),
-                     "logit_scale": float(full.abs().max()), "dtype": str(dtype)}
+            full = torch.stack(
+                [
+                    model(torch.tensor([p + [int(t)]], device=device)).logits[0, -1].float()
+                    for p, t in zip(prompts, tokens)
+                ]
+            )
+        out[name] = {
+            "engine_vs_plain": float((a - b).abs().max()),
+            "engine_vs_full_forward": float((a - full).abs().max()),
+            "logit_scale": float(full.abs().max()),
+            "dtype": str(dtype),
+        }
     return out
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--grid", nargs="*", default=["1x1024", "64x1024", "64x8192", "16x32768", "4x131072"],
-                   help="batch x context points")
+    p.add_argument(
+        "--grid",
+        nargs="*",
+        default=["1x1024", "64x1024", "64x8192", "16x32768", "4x131072"],
+        help="batch x context points",
+    )
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step before graph capture")
-    p.add_argument("--budget_gib", type=float, default=80.0,
-                   help="memory budget for the largest-batch-at-32k point (0: skip that point)")
+    p.add_argument(
+        "--budget_gib",
+        type=float,
+        default=80.0,
+        help="memory budget for the largest-batch-at-32k point (0: skip that point)",
+    )
     p.add_argument("--hf_points", nargs="*", default=["1x1024", "64x8192"])
     p.add_argument("--prefill_tokens", type=int, default=65536)
     p.add_argument("--models", nargs="*", default=["GQA", "MLA"], help="which models to run (name prefixes)")
@@ -181,8 +220,18 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.tiles:
         for layout, row in json.loads(Path(a.tiles).read_text())["best"].items():
-            da.TILE[layout] = {k: row.get(k, False) for k in ("block_t", "num_warps", "num_stages", "programs_per_sm",
-                                                               "transposed", "fused_merge", "balanced")}
+            tk.TILE[layout] = {
+                k: row.get(k, False)
+                for k in (
+                    "block_t",
+                    "num_warps",
+                    "num_stages",
+                    "programs_per_sm",
+                    "transposed",
+                    "fused_merge",
+                    "balanced",
+                )
+            }
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not a.smoke:
         raise SystemExit("benchmarks/decode.py measures a GPU; on CPU use --smoke.")
@@ -193,12 +242,25 @@ def main(argv=None):
     models, kv = build_models(a.smoke, device, dtype)
     models = {k: m for k, m in models.items() if any(k.startswith(x) for x in a.models)}
     bw = copy_bandwidth(device, 0.01 if a.smoke else 4.0)
-    info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-            "dtype": str(dtype), "copy_bandwidth_bytes_per_s": bw, "weights": "random (speed does not depend on them)",
-            "compile": a.compile, "steps": a.steps, "kv_cache_table": kv,
-            "tiles": {k: dict(v) for k, v in da.TILE.items()}}
+    info = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "dtype": str(dtype),
+        "copy_bandwidth_bytes_per_s": bw,
+        "weights": "random (speed does not depend on them)",
+        "compile": a.compile,
+        "steps": a.steps,
+        "kv_cache_table": kv,
+        "tiles": {k: dict(v) for k, v in tk.TILE.items()},
+    }
     print(json.dumps(info), flush=True)
-    result = {"info": info, "check": check_engine(models, device, dtype), "grid": [], "hf_generate": [], "max_batch_32k": []}
+    result = {
+        "info": info,
+        "check": check_engine(models, device, dtype),
+        "grid": [],
+        "hf_generate": [],
+        "max_batch_32k": [],
+    }
     print(json.dumps(result["check"]), flush=True)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -221,7 +283,7 @@ def main(argv=None):
     context = 64 if a.smoke else 32768
     budget = a.budget_gib * 2**30
     for name, model in models.items() if budget else ():
-        bpt = (kv["source_bytes_per_token"] if model.config.model_type == "llama" else kv["mla_bytes_per_token"])
+        bpt = kv["source_bytes_per_token"] if model.config.model_type == "llama" else kv["mla_bytes_per_token"]
         bpt = bpt * torch.finfo(dtype).bits // 16
         reserve = 2 * 2**30 if not a.smoke else 0  # activations, logits, graph pool
         params = sum(t.numel() * t.element_size() for t in {p.data_ptr(): p for p in model.parameters()}.values())
@@ -236,30 +298,59 @@ def main(argv=None):
 
 def markdown(r) -> str:
     i = r["info"]
-    lines = [f"Device: {i['device']}, torch {i['torch']}, {i['dtype']}, weights {i['weights']}; copy bandwidth "
-             f"{i['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s; {i['steps']} timed decode steps per point; "
-             f"torch.compile: {i['compile']}.", "",
-             "| model | batch | context | decode tok/s | step ms | cache MB (used) | bytes/token | HBM-bound fraction | prefill s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Device: {i['device']}, torch {i['torch']}, {i['dtype']}, weights {i['weights']}; copy bandwidth "
+        f"{i['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s; {i['steps']} timed decode steps per point; "
+        f"torch.compile: {i['compile']}.",
+        "",
+        "| model | batch | context | decode tok/s | step ms | cache MB (used) | bytes/token | HBM-bound fraction | "
+        "prefill s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for x in r["grid"]:
-        lines.append(f"| {x['model']} | {x['batch']} | {x['context']:,} | {x['decode_tokens_per_s']:,.0f} | {x['step_ms']:.2f} | "
-                     f"{x['cache_bytes_used'] / 1e6:,.0f} | {x['cache_bytes_per_token']:,} | {x['hbm_bound_fraction']:.2f} | "
-                     f"{x['prefill_s']:.1f} |")
+        lines.append(
+            f"| {x['model']} | {x['batch']} | {x['context']:,} | {x['decode_tokens_per_s']:,.0f} | "
+            f"{x['step_ms']:.2f} | "
+            f"{x['cache_bytes_used'] / 1e6:,.0f} | {x['cache_bytes_per_token']:,} | {x['hbm_bound_fraction']:.2f} | "
+            f"{x['prefill_s']:.1f} |"
+        )
     if r["hf_generate"]:
-        lines += ["", "transformers `generate` (same models, DynamicCache):", "",
-                  "| model | batch | context | decode tok/s | step ms | engine speed-up |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "transformers `generate` (same models, DynamicCache):",
+            "",
+            "| model | batch | context | decode tok/s | step ms | engine speed-up |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
         for x in r["hf_generate"]:
-            eng = next((g for g in r["grid"] if (g["model"], g["batch"], g["context"]) == (x["model"], x["batch"], x["context"])), None)
+            eng = next(
+                (
+                    g
+                    for g in r["grid"]
+                    if (g["model"], g["batch"], g["context"]) == (x["model"], x["batch"], x["context"])
+                ),
+                None,
+            )
             up = f"{eng['decode_tokens_per_s'] / x['decode_tokens_per_s']:.1f}x" if eng else "-"
-            lines.append(f"| {x['model']} | {x['batch']} | {x['context']:,} | {x['decode_tokens_per_s']:,.0f} | {x['step_ms']:.2f} | {up} |")
+            lines.append(
+                f"| {x['model']} | {x['batch']} | {x['context']:,} | {x['decode_tokens_per_s']:,.0f} | "
+                f"{x['step_ms']:.2f} | {up} |"
+            )
     if r["max_batch_32k"]:
-        lines += ["", "Largest batch at 32k context whose weights + cache fit the budget (cache filled by one real prefill "
-                  "copied into every slot):", "",
-                  "| model | budget GiB | batch | decode tok/s | step ms | peak GiB | HBM-bound fraction |", "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "Largest batch at 32k context whose weights + cache fit the budget (cache filled by one real prefill "
+            "copied into every slot):",
+            "",
+            "| model | budget GiB | batch | decode tok/s | step ms | peak GiB | HBM-bound fraction |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for x in r["max_batch_32k"]:
             peak = f"{x['peak_memory_bytes'] / 2**30:.1f}" if x["peak_memory_bytes"] else "-"
-            lines.append(f"| {x['model']} | {x['budget_bytes'] / 2**30:.0f} | {x['batch']} | {x['decode_tokens_per_s']:,.0f} | "
-                         f"{x['step_ms']:.2f} | {peak} | {x['hbm_bound_fraction']:.2f} |")
+            lines.append(
+                f"| {x['model']} | {x['budget_bytes'] / 2**30:.0f} | {x['batch']} | {x['decode_tokens_per_s']:,.0f} | "
+                f"{x['step_ms']:.2f} | {peak} | {x['hbm_bound_fraction']:.2f} |"
+            )
     return "\n".join(lines)
 
 

@@ -5,11 +5,13 @@ MLA layout (one latent head, 32 query heads, 64 + 32 columns) and the GQA layout
     python benchmarks/decode_kernel_sweep.py --default_only --points 1x1024 64x8192 --out /tmp/k.json  # TILE only
 
 Bandwidth = cache bytes the call must read / its time (CUDA graph replays timed by CUDA events, median of 20; the
-call is the split kernel and the merge kernel, or the split kernel alone with the fused merge). The best tile per layout is what `decode_attention.TILE` holds;
+call is the split kernel and the merge kernel, or the split kernel alone with the fused merge). The best tile per
+layout is what `decode_attention.TILE` holds;
 `python benchmarks/decode.py --tiles SWEEP.json` runs the engine with the best of a sweep instead.
 """
 
 import argparse
+import functools
 import itertools
 import json
 import sys
@@ -19,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train_mla import decode_attention as da  # noqa: E402
+from train_mla.inference import decode_attention as da  # noqa: E402
+from train_mla.inference import triton_decode as tk  # noqa: E402
 
 
 def bench(fn, reps=20):
@@ -55,21 +58,35 @@ def tiles(*grids):
 # tried per layout: the earlier formulation around its best tile, and the transposed one (tokens as the rows of the
 # matrix units) over tiles, warps, stages and splits; both with the merge pass and with the fused merge; and the
 # balanced grid (programs per SM = the grid, not splits)
-GRID = {"mla": tiles(([2, 4], [128], [4], [3], [False], [False, True], [False]),
-                     ([1, 2, 3, 4], [64, 128, 256], [4, 8], [2, 3], [True], [False, True], [False]),
-                     ([1, 2, 3, 4, 6, 8], [64, 128], [4], [2, 3], [False, True], [True], [True])),  # balanced grid
-        "gqa": tiles(([2], [64], [4], [3], [False, True], [False], [False]), ([1, 2, 4], [64], [4], [3], [False],
-                                                                              [True], [True]))}
+GRID = {
+    "mla": tiles(
+        ([2, 4], [128], [4], [3], [False], [False, True], [False]),
+        ([1, 2, 3, 4], [64, 128, 256], [4, 8], [2, 3], [True], [False, True], [False]),
+        ([1, 2, 3, 4, 6, 8], [64, 128], [4], [2, 3], [False, True], [True], [True]),
+    ),  # balanced grid
+    "gqa": tiles(
+        ([2], [64], [4], [3], [False, True], [False], [False]), ([1, 2, 4], [64], [4], [3], [False], [True], [True])
+    ),
+}
 
 
 def cases(dev, B, T):
     """Per layout: q, k_cache, v_cache and the cache bytes one call must read at batch B, context T."""
     mla_cache = torch.randn(B, T + 64, 1, 96, device=dev, dtype=torch.bfloat16)
-    return {"mla": (torch.randn(B, 1, 32, 96, device=dev, dtype=torch.bfloat16), mla_cache, mla_cache[..., :64],
-                    B * T * 96 * 2),
-            "gqa": (torch.randn(B, 8, 4, 64, device=dev, dtype=torch.bfloat16),
-                    torch.randn(B, T + 64, 8, 64, device=dev, dtype=torch.bfloat16),
-                    torch.randn(B, T + 64, 8, 64, device=dev, dtype=torch.bfloat16), B * T * 8 * 64 * 2 * 2)}
+    return {
+        "mla": (
+            torch.randn(B, 1, 32, 96, device=dev, dtype=torch.bfloat16),
+            mla_cache,
+            mla_cache[..., :64],
+            B * T * 96 * 2,
+        ),
+        "gqa": (
+            torch.randn(B, 8, 4, 64, device=dev, dtype=torch.bfloat16),
+            torch.randn(B, T + 64, 8, 64, device=dev, dtype=torch.bfloat16),
+            torch.randn(B, T + 64, 8, 64, device=dev, dtype=torch.bfloat16),
+            B * T * 8 * 64 * 2 * 2,
+        ),
+    }
 
 
 def main(argv=None):
@@ -87,29 +104,51 @@ def main(argv=None):
         lengths = torch.full((B,), T, device=dev)
         for layout, (q, k, v, nbytes) in cases(dev, B, T).items():
             ref = da.decode_attention(q, k, v, lengths, 0.1, backend="torch").float()
-            default = dict(da.TILE[layout])
+            default = dict(tk.TILE[layout])
             for tile in [default] if args.default_only else GRID[layout]:
-                da.TILE[layout] = dict(tile)
-                splits = None if tile["balanced"] else da.default_num_splits(B, q.shape[1], da.multiprocessors(dev), layout)
+                tk.TILE[layout] = dict(tile)
+                splits = (
+                    None if tile["balanced"] else tk.default_num_splits(B, q.shape[1], tk.multiprocessors(dev), layout)
+                )
                 try:
-                    err = float((da.decode_attention_triton(q, k, v, lengths, 0.1, splits).float() - ref).abs().max())
-                    t = bench(lambda: da.decode_attention_triton(q, k, v, lengths, 0.1, splits))
+                    err = float((tk.decode_attention_triton(q, k, v, lengths, 0.1, splits).float() - ref).abs().max())
+                    t = bench(functools.partial(tk.decode_attention_triton, q, k, v, lengths, 0.1, splits))
                 except Exception as e:  # e.g. out of shared memory for the biggest tiles
                     rows.append({"layout": layout, "point": point, **tile, "error": str(e)[-3000:]})
-                    print(json.dumps({k: v for k, v in rows[-1].items() if k != "error"}), "failed:", str(e)[-300:],
-                          flush=True)
+                    print(
+                        json.dumps({k: v for k, v in rows[-1].items() if k != "error"}),
+                        "failed:",
+                        str(e)[-300:],
+                        flush=True,
+                    )
                     continue
-                rows.append({"layout": layout, "point": point, **tile, "splits": splits, "us": 1e6 * t,
-                             "tb_per_s": nbytes / t / 1e12, "max_abs_err": err})
+                rows.append(
+                    {
+                        "layout": layout,
+                        "point": point,
+                        **tile,
+                        "splits": splits,
+                        "us": 1e6 * t,
+                        "tb_per_s": nbytes / t / 1e12,
+                        "max_abs_err": err,
+                    }
+                )
                 print(json.dumps(rows[-1]), flush=True)
-            da.TILE[layout] = default
-            ok = [r for r in rows if "us" in r and r["max_abs_err"] < 0.05 and r["layout"] == layout
-                  and r["point"] == point]  # a fast wrong kernel is no candidate
+            tk.TILE[layout] = default
+            ok = [
+                r
+                for r in rows
+                if "us" in r and r["max_abs_err"] < 0.05 and r["layout"] == layout and r["point"] == point
+            ]  # a fast wrong kernel is no candidate
             if ok:
                 best[layout if len(args.points) == 1 else f"{layout} {point}"] = max(ok, key=lambda r: r["tb_per_s"])
     print("best", json.dumps(best))
-    Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name(), "points": args.points, "rows": rows,
-                                          "best": best}, indent=2) + "\n")
+    Path(args.out).write_text(
+        json.dumps(
+            {"device": torch.cuda.get_device_name(), "points": args.points, "rows": rows, "best": best}, indent=2
+        )
+        + "\n"
+    )
     return best
 
 

@@ -17,13 +17,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train_mla.arguments import MLAArguments  # noqa: E402
-from train_mla.engine import Engine  # noqa: E402
-from train_mla.model_loading import load_causal_lm, load_tokenizer  # noqa: E402
-from train_mla.upcycle import upcycle  # noqa: E402
+from train_mla.conversion.gqa_to_mla import upcycle  # noqa: E402
+from train_mla.inference.engine import Engine  # noqa: E402
+from train_mla.model.loading import load_causal_lm, load_tokenizer  # noqa: E402
+from train_mla.training.arguments import MLAArguments  # noqa: E402
 
-QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
-             "Explain in two sentences why the sky is blue, and then say what colour sunsets are and why.", "Hi!"]
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain in two sentences why the sky is blue, and then say what colour sunsets are and why.",
+    "Hi!",
+]
 
 
 def compare(model, prompts, new_tokens) -> dict:
@@ -32,12 +36,22 @@ def compare(model, prompts, new_tokens) -> dict:
     fast = engine.generate(prompts, new_tokens)
     rows = []
     for p, got in zip(prompts, fast):
-        ref = model.generate(torch.tensor([p], device=device), max_new_tokens=new_tokens, do_sample=False,
-                             eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+        ref = model.generate(
+            torch.tensor([p], device=device),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(p) :].tolist()
         first = next((i for i, (x, y) in enumerate(zip(got, ref)) if x != y), None)
         rows.append({"prompt_tokens": len(p), "identical": got == ref, "first_difference": first})
-    return {"all_identical": all(r["identical"] for r in rows), "prompts": rows, "new_tokens": new_tokens,
-            "engine_backend": engine.backend, "cuda_graphs": engine.cuda_graphs}
+    return {
+        "all_identical": all(r["identical"] for r in rows),
+        "prompts": rows,
+        "new_tokens": new_tokens,
+        "engine_backend": engine.backend,
+        "cuda_graphs": engine.cuda_graphs,
+    }
 
 
 def main(argv=None):
@@ -50,13 +64,24 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = load_tokenizer(a.model)
     src = load_causal_lm(a.model, a.dtype).to(device).eval()
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True,
-                                       return_dict=True)["input_ids"] for q in QUESTIONS]
+    prompts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
+        for q in QUESTIONS
+    ]
     result = {"model": a.model, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": a.dtype}
     result[src.config.model_type] = compare(src, prompts, a.new_tokens)
     if src.config.model_type == "llama":
-        mla = upcycle(src.float().cpu(), MLAArguments(q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=32),
-                      log=lambda *_: None).to(device, src.dtype).eval()
+        mla = (
+            upcycle(
+                src.float().cpu(),
+                MLAArguments(q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=32),
+                log=lambda *_: None,
+            )
+            .to(device, src.dtype)
+            .eval()
+        )
         result["llama_mla (upcycled, kv 16 + rope 32)"] = compare(mla, prompts, a.new_tokens)
     print(json.dumps(result, indent=2))
     if a.out:

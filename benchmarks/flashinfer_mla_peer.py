@@ -13,6 +13,7 @@ The planning (FlashInfer's `plan`, our split count) is outside the timed call fo
 """
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -24,10 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from decode_kernel_sweep import bench  # noqa: E402
-from train_mla import decode_attention as da  # noqa: E402
 
-SHAPES = {"1b": (32, 64, 32),  # llama3.2_1B/mla_kv_rank_64_8bt.yaml: 32 heads, latent 64, RoPE key 32
-          "deepseek_v3_tp8": (16, 512, 64)}  # DeepSeek-V3's 128 heads over 8 GPUs, latent 512, RoPE key 64
+from train_mla.inference import decode_attention as da  # noqa: E402
+from train_mla.inference import triton_decode as tk  # noqa: E402
+
+SHAPES = {
+    "1b": (32, 64, 32),  # llama3.2_1B/mla_kv_rank_64_8bt.yaml: 32 heads, latent 64, RoPE key 32
+    "deepseek_v3_tp8": (16, 512, 64),
+}  # DeepSeek-V3's 128 heads over 8 GPUs, latent 512, RoPE key 64
 
 
 def eager_time(fn, reps=20):
@@ -65,10 +70,20 @@ def flashinfer_call(q, cache, lengths, scale, page_size, backend, d_r):
     qo_indptr = torch.arange(B + 1, dtype=torch.int32)
     workspace = torch.empty(128 * 1024 * 1024, dtype=torch.int8, device=q.device)
     wrapper = flashinfer.mla.BatchMLAPagedAttentionWrapper(workspace, backend=backend)
-    meta = flashinfer.mla.MLAPlanMetadata.csr(qo_indptr.to(q.device), kv_indptr.to(q.device),
-                                              kv_indices.to(q.device), lengths.int())
-    wrapper.plan(metadata=meta, num_heads=H, head_dim_ckv=r, head_dim_kpe=d_r, page_size=page_size,
-                 causal=False, sm_scale=scale, q_data_type=q.dtype, kv_data_type=cache.dtype)
+    meta = flashinfer.mla.MLAPlanMetadata.csr(
+        qo_indptr.to(q.device), kv_indptr.to(q.device), kv_indices.to(q.device), lengths.int()
+    )
+    wrapper.plan(
+        metadata=meta,
+        num_heads=H,
+        head_dim_ckv=r,
+        head_dim_kpe=d_r,
+        page_size=page_size,
+        causal=False,
+        sm_scale=scale,
+        q_data_type=q.dtype,
+        kv_data_type=cache.dtype,
+    )
     kv = cache.view(B * pages_per_seq, page_size, width)
     out = torch.empty(B, H, r, device=q.device, dtype=q.dtype)
     return lambda: wrapper.run(query=q, kv_cache=kv, out=out)  # keeps the planned wrapper alive
@@ -87,16 +102,24 @@ def main(argv=None):
         raise SystemExit("benchmarks/flashinfer_mla_peer.py measures a GPU kernel against FlashInfer's.")
     if a.tiles:
         best = json.loads(Path(a.tiles).read_text())["best"]["mla"]
-        da.TILE["mla"] = {k: best.get(k, False) for k in ("block_t", "num_warps", "num_stages", "programs_per_sm",
-                                                          "transposed", "fused_merge", "balanced")}
+        tk.TILE["mla"] = {
+            k: best.get(k, False)
+            for k in ("block_t", "num_warps", "num_stages", "programs_per_sm", "transposed", "fused_merge", "balanced")
+        }
     try:
         import flashinfer
+
         fi_version = flashinfer.__version__
     except Exception as e:  # noqa: BLE001
         fi_version = f"not importable: {e}"
     dev = torch.device("cuda")
-    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "flashinfer": fi_version,
-            "page_size": a.page_size, "our_tile": dict(da.TILE["mla"])}
+    info = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "flashinfer": fi_version,
+        "page_size": a.page_size,
+        "our_tile": dict(tk.TILE["mla"]),
+    }
     print(json.dumps(info), flush=True)
     rows = []
     for shape in a.shapes:
@@ -110,21 +133,41 @@ def main(argv=None):
             q = torch.randn(B, H, r + d_r, device=dev, dtype=torch.bfloat16)
             lengths = torch.full((B,), T, device=dev, dtype=torch.int32)
             nbytes = B * T * (r + d_r) * 2
-            ref = da.decode_attention_reference(q[:, None], cache[:, :, None], cache[:, :, None, :r], lengths,
-                                                scale)[:, 0].float()
-            base = {"shape": shape, "heads": H, "latent": r, "rope": d_r, "batch": B, "context": T,
-                    "cache_mb": nbytes / 1e6}
+            ref = da.decode_attention_reference(q[:, None], cache[:, :, None], cache[:, :, None, :r], lengths, scale)[
+                :, 0
+            ].float()
+            base = {
+                "shape": shape,
+                "heads": H,
+                "latent": r,
+                "rope": d_r,
+                "batch": B,
+                "context": T,
+                "cache_mb": nbytes / 1e6,
+            }
             try:
-                ours = lambda: da.decode_attention_triton(q[:, None], cache[:, :, None], cache[:, :, None, :r],  # noqa: E731
-                                                          lengths, scale)
+                ours = functools.partial(
+                    tk.decode_attention_triton, q[:, None], cache[:, :, None], cache[:, :, None, :r], lengths, scale
+                )
                 err = float((ours()[:, 0].float() - ref).abs().max())
                 t, how = timed(ours)
-                rows.append({**base, "kernel": "ours", "us": 1e6 * t, "tb_per_s": nbytes / t / 1e12,
-                             "timed": how, "max_abs_err": err})
+                rows.append(
+                    {
+                        **base,
+                        "kernel": "ours",
+                        "us": 1e6 * t,
+                        "tb_per_s": nbytes / t / 1e12,
+                        "timed": how,
+                        "max_abs_err": err,
+                    }
+                )
             except Exception as e:  # noqa: BLE001  (e.g. a tile too big for this width)
                 rows.append({**base, "kernel": "ours", "error": str(e)[-2000:]})
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "error"}), rows[-1].get("error", "")[-300:],
-                  flush=True)
+            print(
+                json.dumps({k: v for k, v in rows[-1].items() if k != "error"}),
+                rows[-1].get("error", "")[-300:],
+                flush=True,
+            )
             for backend in a.backends:
                 try:
                     t0 = time.time()
@@ -132,25 +175,45 @@ def main(argv=None):
                     err = float((call().float() - ref).abs().max())
                     first_s = time.time() - t0  # includes FlashInfer's JIT build on first use
                     t, how = timed(call)
-                    rows.append({**base, "kernel": f"flashinfer {backend}", "us": 1e6 * t,
-                                 "tb_per_s": nbytes / t / 1e12, "timed": how, "max_abs_err": err,
-                                 "plan_and_first_call_s": first_s})
+                    rows.append(
+                        {
+                            **base,
+                            "kernel": f"flashinfer {backend}",
+                            "us": 1e6 * t,
+                            "tb_per_s": nbytes / t / 1e12,
+                            "timed": how,
+                            "max_abs_err": err,
+                            "plan_and_first_call_s": first_s,
+                        }
+                    )
                 except Exception as e:  # noqa: BLE001  (a backend that refuses this shape or this GPU)
-                    rows.append({**base, "kernel": f"flashinfer {backend}", "error": f"{type(e).__name__}: {e}"[-2000:]})
-                print(json.dumps({k: v for k, v in rows[-1].items() if k != "error"}),
-                      rows[-1].get("error", "")[-300:], flush=True)
+                    rows.append(
+                        {**base, "kernel": f"flashinfer {backend}", "error": f"{type(e).__name__}: {e}"[-2000:]}
+                    )
+                print(
+                    json.dumps({k: v for k, v in rows[-1].items() if k != "error"}),
+                    rows[-1].get("error", "")[-300:],
+                    flush=True,
+                )
             del cache, q
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({**info, "rows": rows}, indent=2) + "\n")
-    lines = ["| shape | batch | context | kernel | us | TB/s | timed | max abs err |", "|---|---:|---:|---|---:|---:|---|---:|"]
+    lines = [
+        "| shape | batch | context | kernel | us | TB/s | timed | max abs err |",
+        "|---|---:|---:|---|---:|---:|---|---:|",
+    ]
     for r_ in rows:
         if "us" in r_:
-            lines.append(f"| {r_['shape']} | {r_['batch']} | {r_['context']:,} | {r_['kernel']} | {r_['us']:.1f} | "
-                         f"{r_['tb_per_s']:.2f} | {r_['timed']} | {r_['max_abs_err']:.1e} |")
+            lines.append(
+                f"| {r_['shape']} | {r_['batch']} | {r_['context']:,} | {r_['kernel']} | {r_['us']:.1f} | "
+                f"{r_['tb_per_s']:.2f} | {r_['timed']} | {r_['max_abs_err']:.1e} |"
+            )
         else:
-            lines.append(f"| {r_['shape']} | {r_['batch']} | {r_['context']:,} | {r_['kernel']} | failed | | | "
-                         f"{r_['error'][:120].replace('|', '/')} |")
+            lines.append(
+                f"| {r_['shape']} | {r_['batch']} | {r_['context']:,} | {r_['kernel']} | failed | | | "
+                f"{r_['error'][:120].replace('|', '/')} |"
+            )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

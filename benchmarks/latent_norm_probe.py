@@ -46,14 +46,14 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--window", type=int, default=512)
     a = p.parse_args(argv)
-    from train_mla.model_loading import load_causal_lm, load_tokenizer
+    from train_mla.model.loading import load_causal_lm, load_tokenizer
 
     model = load_causal_lm(a.checkpoint, "float32", "sdpa", None).eval()
     if not model.config.use_lora_layer_norm:
         raise SystemExit(f"error: {a.checkpoint} has no latent norm (use_lora_layer_norm: false)")
     tok = load_tokenizer(a.checkpoint, None)
-    ids = tok(Path(a.text).read_text(), add_special_tokens=False).input_ids[:a.tokens]
-    x = torch.tensor(ids[:len(ids) // a.window * a.window]).view(-1, a.window)
+    ids = tok(Path(a.text).read_text(), add_special_tokens=False).input_ids[: a.tokens]
+    x = torch.tensor(ids[: len(ids) // a.window * a.window]).view(-1, a.window)
     norms = [layer.self_attn.kv_a_layernorm for layer in model.model.layers]
     print(f"| latent norm variant | perplexity ({x.numel()} tokens of {Path(a.text).name}, windows of {a.window}) |")
     print("|---|---:|")

@@ -30,9 +30,15 @@ def convert_to_gguf(hf_dir: Path, gguf: Path, llama_cpp_dir: Path) -> None:
     script = llama_cpp_dir / "convert_hf_to_gguf.py"
     if not script.is_file():
         raise SystemExit(f"error: {script} not found (--llama_cpp_dir must be a llama.cpp source tree)")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(llama_cpp_dir / "gguf-py"), os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, str(script), str(hf_dir), "--outtype", "f32", "--outfile", str(gguf)],
-                       env=env, capture_output=True, text=True)
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(llama_cpp_dir / "gguf-py"), os.environ.get("PYTHONPATH", "")])
+    )
+    r = subprocess.run(
+        [sys.executable, str(script), str(hf_dir), "--outtype", "f32", "--outfile", str(gguf)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         raise SystemExit(f"error: llama.cpp's converter failed:\n{r.stderr[-3000:]}")
 
@@ -53,9 +59,13 @@ def transformers_side(hf_dir: Path, windows: list[list[int]], prompt: list[int],
         for w in windows:
             s, k = window_nll(model(torch.tensor([w])).logits[0], w)
             nll, n = nll + s, n + k
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n_new, do_sample=False,
-                             attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    return math.exp(nll / n), out[0, len(prompt):].tolist(), type(model).__name__
+        out = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=n_new,
+            do_sample=False,
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        )
+    return math.exp(nll / n), out[0, len(prompt) :].tolist(), type(model).__name__
 
 
 class StderrCapture:
@@ -102,14 +112,15 @@ def llama_cpp_side(gguf: Path, windows: list[list[int]], prompt: list[int], n_ne
     del big
     bytes_per_token, line = kv_bytes_from_log(cap.text)
     with StderrCapture():
-        llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, logits_all=True, verbose=True,
-                              n_threads=os.cpu_count(), seed=0)
+        llm = llama_cpp.Llama(
+            model_path=str(gguf), n_ctx=n_ctx, logits_all=True, verbose=True, n_threads=os.cpu_count(), seed=0
+        )
     arch = re.search(r"general\.architecture\s+str\s*=\s*(\S+)", cap.text)
     nll = n = 0
     for w in windows:
         llm.reset()
         llm.eval(w)
-        s, k = window_nll(torch.tensor(llm.scores[:len(w)]), w)
+        s, k = window_nll(torch.tensor(llm.scores[: len(w)]), w)
         nll, n = nll + s, n + k
     llm.reset()
     llm.eval(prompt)
@@ -122,24 +133,35 @@ def llama_cpp_side(gguf: Path, windows: list[list[int]], prompt: list[int], n_ne
 
 
 def check(ckpt: str, llama_cpp_dir: str, ids: list[int], window: int, work: Path, n_new: int = 32) -> dict:
-    from train_mla.export_deepseek import export_checkpoint
-    from train_mla.kv_cache_size import kv_elements_per_layer
-    from train_mla.configuration_llama_mla import LlamaMLAConfig
+    from train_mla.conversion.deepseek_export import export_checkpoint
+    from train_mla.model.configuration_llama_mla import LlamaMLAConfig
+    from train_mla.model.kv_cache_size import kv_elements_per_layer
 
     hf_dir, gguf = work / "deepseek_v3", work / "model-f32.gguf"
     export_checkpoint(ckpt, hf_dir)
     convert_to_gguf(hf_dir, gguf, Path(llama_cpp_dir))
-    windows = [ids[i:i + window] for i in range(0, len(ids) - window + 1, window)]
+    windows = [ids[i : i + window] for i in range(0, len(ids) - window + 1, window)]
     prompt = ids[:32]
     hf_ppl, hf_new, arch_hf = transformers_side(hf_dir, windows, prompt, n_new)
     cpp_ppl, cpp_new, cpp_bytes, kv_line, arch = llama_cpp_side(gguf, windows, prompt, n_new, window)
     ours = sum(kv_elements_per_layer(LlamaMLAConfig.from_pretrained(ckpt))) * 2  # f16/bf16 cache
-    return {"checkpoint": str(ckpt), "windows": len(windows), "window": window, "tokens": len(windows) * window,
-            "transformers_model": arch_hf, "llama_cpp_arch": arch, "ppl_transformers_f32": hf_ppl,
-            "ppl_llama_cpp_f32": cpp_ppl, "ppl_rel_diff": cpp_ppl / hf_ppl - 1,
-            "greedy_tokens": n_new, "greedy_equal": hf_new == cpp_new,
-            "greedy_first_difference": next((i for i, (a, b) in enumerate(zip(hf_new, cpp_new)) if a != b), None),
-            "kv_bytes_per_token_llama_cpp": cpp_bytes, "kv_bytes_per_token_ours": ours, "llama_cpp_kv_line": kv_line}
+    return {
+        "checkpoint": str(ckpt),
+        "windows": len(windows),
+        "window": window,
+        "tokens": len(windows) * window,
+        "transformers_model": arch_hf,
+        "llama_cpp_arch": arch,
+        "ppl_transformers_f32": hf_ppl,
+        "ppl_llama_cpp_f32": cpp_ppl,
+        "ppl_rel_diff": cpp_ppl / hf_ppl - 1,
+        "greedy_tokens": n_new,
+        "greedy_equal": hf_new == cpp_new,
+        "greedy_first_difference": next((i for i, (a, b) in enumerate(zip(hf_new, cpp_new)) if a != b), None),
+        "kv_bytes_per_token_llama_cpp": cpp_bytes,
+        "kv_bytes_per_token_ours": ours,
+        "llama_cpp_kv_line": kv_line,
+    }
 
 
 def main(argv=None):
@@ -159,19 +181,28 @@ def main(argv=None):
     except ImportError:
         raise SystemExit("error: llama_cpp is not importable (pip install llama-cpp-python)") from None
     tok = AutoTokenizer.from_pretrained(a.checkpoint)
-    ids = tok(Path(a.text).read_text(), add_special_tokens=False).input_ids[:a.tokens]
+    ids = tok(Path(a.text).read_text(), add_special_tokens=False).input_ids[: a.tokens]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.work) if a.work else Path(tmp)
         r = check(a.checkpoint, a.llama_cpp_dir, ids, a.window, work)
     r["text"] = a.text
-    md = "\n".join([
-        f"llama.cpp against transformers on `{a.checkpoint}` exported to DeepSeek-V3 (float32 GGUF), first "
-        f"{r['tokens']} tokens of `{Path(a.text).name}` in {r['windows']} windows of {r['window']}:", "",
-        "| | transformers (DeepseekV3ForCausalLM) | llama.cpp | |", "|---|---:|---:|---|",
-        f"| perplexity | {r['ppl_transformers_f32']:.4f} | {r['ppl_llama_cpp_f32']:.4f} | {100 * r['ppl_rel_diff']:+.3f} % |",
-        f"| greedy tokens ({r['greedy_tokens']}) | | | {'equal' if r['greedy_equal'] else 'differ from token ' + str(r['greedy_first_difference'])} |",
-        f"| KV bytes per token | {r['kv_bytes_per_token_ours']:,} (ours) | {r['kv_bytes_per_token_llama_cpp']:,.0f} | |",
-        "", f"llama.cpp's log: `{r['llama_cpp_kv_line']}` (arch `{r['llama_cpp_arch']}`)"])
+    md = "\n".join(
+        [
+            f"llama.cpp against transformers on `{a.checkpoint}` exported to DeepSeek-V3 (float32 GGUF), first "
+            f"{r['tokens']} tokens of `{Path(a.text).name}` in {r['windows']} windows of {r['window']}:",
+            "",
+            "| | transformers (DeepseekV3ForCausalLM) | llama.cpp | |",
+            "|---|---:|---:|---|",
+            f"| perplexity | {r['ppl_transformers_f32']:.4f} | {r['ppl_llama_cpp_f32']:.4f} | "
+            f"{100 * r['ppl_rel_diff']:+.3f} % |",
+            f"| greedy tokens ({r['greedy_tokens']}) | | | "
+            f"{'equal' if r['greedy_equal'] else 'differ from token ' + str(r['greedy_first_difference'])} |",
+            f"| KV bytes per token | {r['kv_bytes_per_token_ours']:,} (ours) | "
+            f"{r['kv_bytes_per_token_llama_cpp']:,.0f} | |",
+            "",
+            f"llama.cpp's log: `{r['llama_cpp_kv_line']}` (arch `{r['llama_cpp_arch']}`)",
+        ]
+    )
     print(md)
     if a.name:
         out = Path(__file__).resolve().parents[1] / "docs" / f"llama_cpp_{a.name}"

@@ -1,6 +1,6 @@
 """Plot decode tokens/s against context for both models from benchmarks/decode.py's JSON.
 
-    python benchmarks/plot_decode.py docs/benchmarks_decode.json docs/benchmarks_decode.png
+python benchmarks/plot_decode.py docs/benchmarks_decode.json docs/benchmarks_decode.png
 """
 
 import json
@@ -22,17 +22,30 @@ def main(src, dst):
         drawn = ax.plot([p[0] for p in line], [p[1] for p in line], marker="o", label=f"{model}, batch > 1")
         colors[model] = drawn[0].get_color()
         single = [p for p in pts if p[2] == 1]
-        ax.scatter([p[0] for p in single], [p[1] for p in single], marker="x", color=colors[model],
-                   label=f"{model}, batch 1")
+        ax.scatter(
+            [p[0] for p in single], [p[1] for p in single], marker="x", color=colors[model], label=f"{model}, batch 1"
+        )
         below = i % 2 == 0  # the first model's labels under its points, the second's above: they do not overlap
         for c, t, b in pts:
-            ax.annotate(f"B={b}", (c, t), textcoords="offset points", xytext=(5, -10 if below else 5), fontsize=7,
-                        color=colors[model])
+            ax.annotate(
+                f"B={b}",
+                (c, t),
+                textcoords="offset points",
+                xytext=(5, -10 if below else 5),
+                fontsize=7,
+                color=colors[model],
+            )
     for x in r.get("max_batch_32k", []):
         color = colors.get(x["model"])
         ax.scatter([x["context"]], [x["decode_tokens_per_s"]], marker="*", s=110, color=color, zorder=3)
-        ax.annotate(f"max B={x['batch']} in {x['budget_bytes'] / 2**30:.0f} GiB", (x["context"], x["decode_tokens_per_s"]),
-                    textcoords="offset points", xytext=(8, -3), fontsize=7, color=color)
+        ax.annotate(
+            f"max B={x['batch']} in {x['budget_bytes'] / 2**30:.0f} GiB",
+            (x["context"], x["decode_tokens_per_s"]),
+            textcoords="offset points",
+            xytext=(8, -3),
+            fontsize=7,
+            color=color,
+        )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("context (tokens)")

@@ -19,14 +19,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import decode  # noqa: E402
 
-from train_mla.engine import Engine  # noqa: E402
+from train_mla.inference.engine import Engine  # noqa: E402
 
 
 def profile_point(model, batch, context, compiled, dev):
     engine = Engine(model, batch, context + 16, cuda_graphs=False, compile=compiled)
     g = torch.Generator().manual_seed(0)
-    logits = engine.prefill([torch.randint(0, model.config.vocab_size, (context,), generator=g).tolist()
-                             for _ in range(batch)], list(range(batch)))
+    logits = engine.prefill(
+        [torch.randint(0, model.config.vocab_size, (context,), generator=g).tolist() for _ in range(batch)],
+        list(range(batch)),
+    )
     tokens, positions = logits.argmax(-1), torch.full((batch,), context, device=dev)
     with torch.inference_mode():
         for _ in range(3):  # warm-up (and compilation)
@@ -41,10 +43,13 @@ def profile_point(model, batch, context, compiled, dev):
     del engine, logits
     gc.collect()
     torch.cuda.empty_cache()
-    return {"kernel_us_per_step": sum(e.device_time_total for e in events) / 3,
-            "kernels_per_step": sum(e.count for e in events) / 3,
-            "top": [{"kernel": e.key[:80], "us_per_step": e.device_time_total / 3, "calls_per_step": e.count / 3}
-                    for e in top]}
+    return {
+        "kernel_us_per_step": sum(e.device_time_total for e in events) / 3,
+        "kernels_per_step": sum(e.count for e in events) / 3,
+        "top": [
+            {"kernel": e.key[:80], "us_per_step": e.device_time_total / 3, "calls_per_step": e.count / 3} for e in top
+        ],
+    }
 
 
 def main(argv=None):
@@ -62,8 +67,11 @@ def main(argv=None):
             for compiled in (True,) if args.compiled_only else (False, True):
                 run = profile_point(model, batch, context, compiled, dev)
                 result["runs"][f"{name}, {point}, compile={compiled}"] = run
-                print(f"{name}, {point}, compile={compiled}: {run['kernel_us_per_step']:.0f} us of kernels in "
-                      f"{run['kernels_per_step']:.0f} launches per step", flush=True)
+                print(
+                    f"{name}, {point}, compile={compiled}: {run['kernel_us_per_step']:.0f} us of kernels in "
+                    f"{run['kernels_per_step']:.0f} launches per step",
+                    flush=True,
+                )
                 for t in run["top"]:
                     print(f"    {t['us_per_step']:8.1f} us  x{t['calls_per_step']:.0f}  {t['kernel']}")
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

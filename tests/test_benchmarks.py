@@ -28,8 +28,24 @@ def test_decode_benchmark_smoke(tmp_path):
 
 def test_train_throughput_benchmark_smoke(tmp_path):
     for extra in ([], ["--teacher_fp8"]):  # a second row beside the first, not in its place
-        _script("train_throughput").main(["--shape", "tiny", "--batch", "2", "--seq", "64", "--steps", "2", "--warmup",
-                                          "1", "--documents", "--out", str(tmp_path / "train"), *extra])
+        _script("train_throughput").main(
+            [
+                "--shape",
+                "tiny",
+                "--batch",
+                "2",
+                "--seq",
+                "64",
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--documents",
+                "--out",
+                str(tmp_path / "train"),
+                *extra,
+            ]
+        )
     assert "| FP8 |" in (tmp_path / "train.md").read_text()
     rows = json.loads((tmp_path / "train.json").read_text())["rows"]
     assert [r["teacher_fp8"] for r in rows] == [False, True]
@@ -41,8 +57,19 @@ def test_fp8_teacher_kl_smoke(tmp_path):
 
     make_tiny_checkpoint(tmp_path / "m")
     (tmp_path / "text.txt").write_text(" ".join(synthetic_sentences(300)))
-    r = _script("fp8_teacher_kl").main([str(tmp_path / "m"), "--text", str(tmp_path / "text.txt"), "--seq", "32",
-                                        "--windows", "4", "--out", str(tmp_path / "kl")])
+    r = _script("fp8_teacher_kl").main(
+        [
+            str(tmp_path / "m"),
+            "--text",
+            str(tmp_path / "text.txt"),
+            "--seq",
+            "32",
+            "--windows",
+            "4",
+            "--out",
+            str(tmp_path / "kl"),
+        ]
+    )
     assert r["fp8_linear_layers"] > 0 and r["kl_bf16_to_fp8"] > 0 and r["tokens"] == 4 * 31
     assert json.loads((tmp_path / "kl.json").read_text())["ppl_fp8"] == r["ppl_fp8"]
 
@@ -58,17 +85,17 @@ def test_eval_ppl_equals_the_model_own_loss(tmp_path):
     import math
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from conftest import make_chat_data, make_tiny_checkpoint
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     make_tiny_checkpoint(tmp_path / "m")
     make_chat_data(tmp_path / "chat_train.jsonl", n=4)
     text = "the cat sees the ball and the dog runs to the tree."
     (tmp_path / "one_test.txt").write_text(text)  # one row, no line break
     mixer = json.dumps({str(tmp_path / "chat_train.jsonl"): 1.0, str(tmp_path / "one_test.txt"): 1.0})
-    res = _script("eval_ppl").main([str(tmp_path / "m"), "--dataset_mixer", mixer, "--max_seq_length", "64",
-                                    "--out", str(tmp_path / "r")])
+    res = _script("eval_ppl").main(
+        [str(tmp_path / "m"), "--dataset_mixer", mixer, "--max_seq_length", "64", "--out", str(tmp_path / "r")]
+    )
     tok = AutoTokenizer.from_pretrained(tmp_path / "m")
     ids = tok(text, add_special_tokens=True)["input_ids"] + [tok.eos_token_id]  # the training code's document
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()

@@ -3,26 +3,33 @@
 import io
 
 import pytest
-import torch
+from conftest import make_tiny_checkpoint, needs_smollm2
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import make_tiny_checkpoint, needs_smollm2
 from train_mla import chat
-from train_mla.arguments import MLAArguments
-from train_mla.upcycle import save_mla_checkpoint, upcycle
+from train_mla.conversion.gqa_to_mla import upcycle
+from train_mla.conversion.upcycled_folder import save_mla_checkpoint
+from train_mla.training.arguments import MLAArguments
 
 
 def _expected_reply(model, tok, messages, n):
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")["input_ids"]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")[
+        "input_ids"
+    ]
     stops = chat.stop_tokens(tok, model)
-    out = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=stops, pad_token_id=stops[0])[0, ids.shape[1]:]
+    out = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=stops, pad_token_id=stops[0])[
+        0, ids.shape[1] :
+    ]
     return tok.decode([t for t in out.tolist() if t not in stops], skip_special_tokens=True)
 
 
 def _converse(ckpt, lines, n=12):
     out = io.StringIO()
-    chat.main([str(ckpt), "--max_new_tokens", str(n), "--device", "cpu", "--max_seq_len", "256"],
-              stdin=io.StringIO("".join(line + "\n" for line in lines)), out=out)
+    chat.main(
+        [str(ckpt), "--max_new_tokens", str(n), "--device", "cpu", "--max_seq_len", "256"],
+        stdin=io.StringIO("".join(line + "\n" for line in lines)),
+        out=out,
+    )
     return out.getvalue()
 
 
@@ -35,12 +42,20 @@ def test_chat_replies_equal_generate_across_turns_and_reset(tmp_path, kind):
         ckpt = save_mla_checkpoint(mla, AutoTokenizer.from_pretrained(ckpt), tmp_path / "mla", src.config)
     text = _converse(ckpt, ["the cat sees", "a dog likes", "/reset", "the cat sees", "/exit"])
     import train_mla  # noqa: F401  (registers the MLA classes for AutoModel)
+
     model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
     tok = AutoTokenizer.from_pretrained(ckpt)
     first = _expected_reply(model, tok, [{"role": "user", "content": "the cat sees"}], 12)
-    second = _expected_reply(model, tok, [{"role": "user", "content": "the cat sees"},
-                                          {"role": "assistant", "content": first},
-                                          {"role": "user", "content": "a dog likes"}], 12)
+    second = _expected_reply(
+        model,
+        tok,
+        [
+            {"role": "user", "content": "the cat sees"},
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": "a dog likes"},
+        ],
+        12,
+    )
     at = 0
     for expected in (first, second, first):  # the third turn follows /reset: same as the first
         at = text.index("model> " + expected + "\nyou> ", at) + 1

@@ -6,12 +6,14 @@ import random
 import textwrap
 
 import pytest
-
 from conftest import SHARED
+
 from train_mla.corpus import evaluation_texts, main, strip_gutenberg, words_of
 
-WORDS = ("river stone garden window winter summer market bridge letter harbour candle forest mountain village "
-         "teacher kitchen doctor engine valley island castle meadow").split()
+WORDS = (
+    "river stone garden window winter summer market bridge letter harbour candle forest mountain village "
+    "teacher kitchen doctor engine valley island castle meadow"
+).split()
 
 
 def prose(n_words, seed):
@@ -30,6 +32,7 @@ PTB = [prose(30, 8)]
 
 def write_eval_data(root):
     """A folder shaped like ../shared/data, holding the made-up evaluation items above."""
+
     def wikitext(articles):
         return "".join(f" = {t} = \n\n {body} \n\n" for t, body in articles)
 
@@ -39,12 +42,17 @@ def write_eval_data(root):
     (root / "lambada").mkdir()
     (root / "lambada" / "lambada_test.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in LAMBADA))
     (root / "eval" / "arc").mkdir(parents=True)
-    (root / "eval" / "arc" / "ARC-Easy-Test.para.jsonl").write_text("".join(
-        json.dumps({"question": {"stem": q, "choices": [{"text": c, "label": c} for c in cs]}, "answerKey": "a"}) + "\n"
-        for q, cs in ARC))
+    (root / "eval" / "arc" / "ARC-Easy-Test.para.jsonl").write_text(
+        "".join(
+            json.dumps({"question": {"stem": q, "choices": [{"text": c, "label": c} for c in cs]}, "answerKey": "a"})
+            + "\n"
+            for q, cs in ARC
+        )
+    )
     (root / "eval" / "siqa").mkdir(parents=True)
-    (root / "eval" / "siqa" / "dev.jsonl").write_text("".join(
-        json.dumps({"context": c, "question": q}) + "\n" for c, q in SIQA))
+    (root / "eval" / "siqa" / "dev.jsonl").write_text(
+        "".join(json.dumps({"context": c, "question": q}) + "\n" for c, q in SIQA)
+    )
     (root / "tinystories").mkdir()
     (root / "tinystories" / "tinystories_valid_head.txt").write_text("\n\n".join(STORIES) + "\n\n")
     (root / "ptb").mkdir()
@@ -57,7 +65,7 @@ def wiki_doc(i, title, body):
 
 
 def middle(text, n_words, start=20):
-    return " ".join(text.split()[start: start + n_words])
+    return " ".join(text.split()[start : start + n_words])
 
 
 @pytest.fixture
@@ -67,9 +75,9 @@ def sources(tmp_path):
     docs = [
         wiki_doc(1, "Clean Article", prose(400, 10)),
         wiki_doc(2, "Stub", prose(20, 11)),
-        wiki_doc(3, "Evaluation Castle", prose(400, 12)),                       # a WikiText-2 test title
+        wiki_doc(3, "Evaluation Castle", prose(400, 12)),  # a WikiText-2 test title
         wiki_doc(4, "Copied Elsewhere", prose(150, 13) + " " + middle(WIKITEXT_VALID[0][1], 13) + " " + prose(150, 14)),
-        wiki_doc(5, "Clean Article", prose(400, 15)),                           # a title seen before
+        wiki_doc(5, "Clean Article", prose(400, 15)),  # a title seen before
         wiki_doc(6, "Story Quote", prose(200, 16) + "\n" + middle(STORIES[1], 14) + "\n" + prose(100, 17)),
         wiki_doc(7, "Question Copy", prose(200, 18) + " " + ARC[0][0] + " " + prose(100, 19)),
     ]
@@ -77,12 +85,19 @@ def sources(tmp_path):
     (wiki / "wiki_01").write_text("".join(docs[4:]))
     books = tmp_path / "books" / "Author, Some"
     books.mkdir(parents=True)
-    gutenberg = ("The Project Gutenberg EBook of A Book, by Some Author\n\nThis eBook is for the use of anyone\n\n"
-                 "*** START OF THIS PROJECT GUTENBERG EBOOK A BOOK ***\n\nProduced by A Volunteer\n\n"
-                 + textwrap.fill(prose(300, 20), 70) + "\n\n" + middle(LAMBADA[1], 40, 10) + "\n\n"
-                 + prose(300, 21) + "\n\n"
-                 + "*** END OF THIS PROJECT GUTENBERG EBOOK A BOOK ***\n\nSection 1. Project Gutenberg licence "
-                 + prose(200, 22) + "\n")
+    gutenberg = (
+        "The Project Gutenberg EBook of A Book, by Some Author\n\nThis eBook is for the use of anyone\n\n"
+        "*** START OF THIS PROJECT GUTENBERG EBOOK A BOOK ***\n\nProduced by A Volunteer\n\n"
+        + textwrap.fill(prose(300, 20), 70)
+        + "\n\n"
+        + middle(LAMBADA[1], 40, 10)
+        + "\n\n"
+        + prose(300, 21)
+        + "\n\n"
+        + "*** END OF THIS PROJECT GUTENBERG EBOOK A BOOK ***\n\nSection 1. Project Gutenberg licence "
+        + prose(200, 22)
+        + "\n"
+    )
     (books / "A Book.txt").write_text(gutenberg)
     (books / "Plain.txt").write_text(prose(500, 23) + "\n\n" + prose(10, 24) + "\n")
     return tmp_path, write_eval_data(tmp_path / "eval_data")
@@ -95,8 +110,18 @@ def rows(path):
 def test_builder_keeps_clean_text_and_drops_every_evaluation_passage(sources, capsys):
     root, eval_data = sources
     out = root / "corpus" / "general.jsonl"
-    main([str(root / "wiki"), str(root / "books"), "--output", str(out), "--eval_data", str(eval_data),
-          "--section_words", "250"])
+    main(
+        [
+            str(root / "wiki"),
+            str(root / "books"),
+            "--output",
+            str(out),
+            "--eval_data",
+            str(eval_data),
+            "--section_words",
+            "250",
+        ]
+    )
     text = rows(out)
     joined = " ".join(" ".join(words_of(t)) for t in text)
     # nothing of any evaluation item, as 13-word runs (or whole, when shorter), reached the output
@@ -105,7 +130,7 @@ def test_builder_keeps_clean_text_and_drops_every_evaluation_passage(sources, ca
         w = words_of(item)
         n = min(13, len(w))
         for i in range(len(w) - n + 1):
-            assert " ".join(w[i: i + n]) not in joined, f"evaluation text slipped through: {w[i: i + n]}"
+            assert " ".join(w[i : i + n]) not in joined, f"evaluation text slipped through: {w[i : i + n]}"
     assert prose(400, 10).split()[5] in joined and " ".join(words_of(prose(400, 10))[:30]) in joined  # clean article
     assert " ".join(words_of(prose(500, 23))[:30]) in joined  # the plain book
     assert "gutenberg" not in joined and "volunteer" not in joined  # header, credits and licence stripped
@@ -153,14 +178,17 @@ def test_no_decontaminate_keeps_the_overlap(sources):
 
 
 def test_strip_gutenberg_old_small_print_header():
-    text = ("Project Gutenberg's Etext\n\n*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*Ver.04.29.93*END*\n\n"
-            "Chapter one begins here.\n\nEnd of the Project Gutenberg etext\n\nlicence text")
+    text = (
+        "Project Gutenberg's Etext\n\n*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*Ver.04.29.93*END*\n\n"
+        "Chapter one begins here.\n\nEnd of the Project Gutenberg etext\n\nlicence text"
+    )
     body, found = strip_gutenberg(text)
     assert found and body == "Chapter one begins here."
 
 
-needs_eval_data = pytest.mark.skipif(not (SHARED / "data" / "wikitext-2").is_dir(),
-                                     reason="../shared/data is not beside the checkout")
+needs_eval_data = pytest.mark.skipif(
+    not (SHARED / "data" / "wikitext-2").is_dir(), reason="../shared/data is not beside the checkout"
+)
 
 
 @needs_eval_data
@@ -173,12 +201,25 @@ def test_real_evaluation_passages_are_removed(tmp_path):
     title = next(iter(titles["wikitext-2 test"])).title()
     wiki = tmp_path / "wiki" / "AA"
     wiki.mkdir(parents=True)
-    (wiki / "wiki_00").write_text(wiki_doc(1, "Harmless", prose(300, 1) + "\n" + wiki_paragraph.replace(" @-@ ", "-"))
-                                  + wiki_doc(2, title, prose(300, 2)) + wiki_doc(3, "Clean", prose(300, 3)))
+    (wiki / "wiki_00").write_text(
+        wiki_doc(1, "Harmless", prose(300, 1) + "\n" + wiki_paragraph.replace(" @-@ ", "-"))
+        + wiki_doc(2, title, prose(300, 2))
+        + wiki_doc(3, "Clean", prose(300, 3))
+    )
     (tmp_path / "book.txt").write_text(prose(300, 4) + "\n\n" + lambada + "\n\n" + prose(300, 5))
     out = tmp_path / "general.jsonl"
-    main([str(tmp_path / "wiki"), str(tmp_path / "book.txt"), "--output", str(out), "--eval_data",
-          str(SHARED / "data"), "--section_words", "100000"])
+    main(
+        [
+            str(tmp_path / "wiki"),
+            str(tmp_path / "book.txt"),
+            "--output",
+            str(out),
+            "--eval_data",
+            str(SHARED / "data"),
+            "--section_words",
+            "100000",
+        ]
+    )
     kept = rows(out)
     assert len(kept) == 1 and " ".join(words_of(prose(300, 3))[:20]) in " ".join(words_of(kept[0]))
     report = json.loads(out.with_suffix(".report.json").read_text())

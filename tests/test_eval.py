@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, make_tiny_checkpoint
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
@@ -16,13 +15,50 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONP
 def evaluated(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     src = make_tiny_checkpoint(root / "llama")
-    r = subprocess.run([sys.executable, "-m", "train_mla.upcycle", "--model_name_or_path", str(src), "--torch_dtype",
-                        "float32", "--q_lora_rank", "32", "--kv_lora_rank", "16", "--qk_rope_head_dim", "8",
-                        "--output", str(root / "mla")], cwd=REPO, env=ENV, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train_mla.upcycle",
+            "--model_name_or_path",
+            str(src),
+            "--torch_dtype",
+            "float32",
+            "--q_lora_rank",
+            "32",
+            "--kv_lora_rank",
+            "16",
+            "--qk_rope_head_dim",
+            "8",
+            "--output",
+            str(root / "mla"),
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run(["bash", str(REPO / "eval.sh"), str(root / "mla"), str(root / "llama"), "--tasks", "offline",
-                        "--limit", "6", "--dtype", "float32", "--batch_size", "4"], cwd=root, env=ENV,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            "bash",
+            str(REPO / "eval.sh"),
+            str(root / "mla"),
+            str(root / "llama"),
+            "--tasks",
+            "offline",
+            "--limit",
+            "6",
+            "--dtype",
+            "float32",
+            "--batch_size",
+            "4",
+        ],
+        cwd=root,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return root
 
@@ -41,23 +77,65 @@ def test_results_exist_and_metrics_are_in_range(evaluated):
 def test_source_score_equals_lm_eval_hf_model(evaluated):
     """eval.sh must give exactly what lm-eval's own `hf` model gives for the same checkpoint."""
     out = evaluated / "direct"
-    r = subprocess.run([sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args",
-                        f"pretrained={evaluated / 'llama'},dtype=float32", "--tasks", "sharegpt_reply_choice,sharegpt_ppl",
-                        "--include_path", str(REPO / "eval_tasks" / "offline"), "--limit", "6", "--batch_size", "4",
-                        "--device", "cpu", "--output_path", str(out)], cwd=REPO, env=ENV, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "run",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={evaluated / 'llama'},dtype=float32",
+            "--tasks",
+            "sharegpt_reply_choice,sharegpt_ppl",
+            "--include_path",
+            str(REPO / "eval_tasks" / "offline"),
+            "--limit",
+            "6",
+            "--batch_size",
+            "4",
+            "--device",
+            "cpu",
+            "--output_path",
+            str(out),
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     direct = json.loads(next(out.rglob("results_*.json")).read_text())["results"]
     ours = json.loads((evaluated / "llama" / "eval" / "results.json").read_text())["results"]
-    for task, key in [("sharegpt_reply_choice", "acc,none"), ("sharegpt_reply_choice", "acc_norm,none"),
-                      ("sharegpt_ppl", "word_perplexity,none"), ("sharegpt_ppl", "bits_per_byte,none")]:
+    for task, key in [
+        ("sharegpt_reply_choice", "acc,none"),
+        ("sharegpt_reply_choice", "acc_norm,none"),
+        ("sharegpt_ppl", "word_perplexity,none"),
+        ("sharegpt_ppl", "bits_per_byte,none"),
+    ]:
         assert ours[task][key] == pytest.approx(direct[task][key], rel=1e-6)
 
 
 def test_summary_builds_table_and_plot(evaluated):
     out = evaluated / "summary" / "s"
-    r = subprocess.run([sys.executable, "-m", "train_mla.summarize", str(evaluated / "llama"), str(evaluated / "mla"),
-                        "--labels", "original,converted", "--output", str(out)], cwd=REPO, env=ENV,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train_mla.summarize",
+            str(evaluated / "llama"),
+            str(evaluated / "mla"),
+            "--labels",
+            "original,converted",
+            "--output",
+            str(out),
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     md = out.with_suffix(".md").read_text()
     assert "| original | 384 | 100 % |" in md and "| converted | 144 | 37.5 % |" in md
@@ -67,15 +145,18 @@ def test_summary_builds_table_and_plot(evaluated):
 
 
 def test_eval_sh_fails_fast_on_bad_input(tmp_path):
-    r = subprocess.run(["bash", str(REPO / "eval.sh"), str(tmp_path / "missing")], env=ENV, capture_output=True, text=True)
+    r = subprocess.run(
+        ["bash", str(REPO / "eval.sh"), str(tmp_path / "missing")], env=ENV, capture_output=True, text=True
+    )
     assert r.returncode == 2 and "does not exist" in r.stderr
     r = subprocess.run(["bash", str(REPO / "eval.sh"), "--tasks", "offline"], env=ENV, capture_output=True, text=True)
     assert r.returncode == 2 and "no checkpoint" in r.stderr
     empty = tmp_path / "no_weights"
     empty.mkdir()
     (empty / "config.json").write_text("{}")
-    r = subprocess.run(["bash", str(REPO / "eval.sh"), str(empty), "--tasks", "offline"], env=ENV, capture_output=True,
-                       text=True)
+    r = subprocess.run(
+        ["bash", str(REPO / "eval.sh"), str(empty), "--tasks", "offline"], env=ENV, capture_output=True, text=True
+    )
     assert r.returncode == 2 and "holds no complete model (no .safetensors weights)" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
 

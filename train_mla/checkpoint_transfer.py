@@ -29,7 +29,6 @@ import sys
 import tarfile
 from pathlib import Path
 
-CONTINUATION = "continuation.json"  # marks a weights-only checkpoint
 OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin", "latest", "zero_to_fp32.py")
 
 
@@ -63,7 +62,7 @@ class _PartWriter(io.RawIOBase):
                 self._f = open(self.folder / f"{self.name}.part{len(self.parts):03d}", "wb")
                 self._h, self._n = hashlib.sha256(), 0
             k = min(len(b) - done, self.size - self._n)
-            chunk = b[done: done + k]
+            chunk = b[done : done + k]
             self._f.write(chunk)
             self._h.update(chunk)
             self._n += k
@@ -78,8 +77,12 @@ class _PartWriter(io.RawIOBase):
 def _members(ckpt: Path, weights_only: bool) -> list[Path]:
     files = sorted(p for p in ckpt.rglob("*") if p.is_file())
     if weights_only:
-        files = [p for p in files if p.relative_to(ckpt).parts[0] not in OPTIMIZER_FILES
-                 and not p.relative_to(ckpt).parts[0].startswith("global_step")]
+        files = [
+            p
+            for p in files
+            if p.relative_to(ckpt).parts[0] not in OPTIMIZER_FILES
+            and not p.relative_to(ckpt).parts[0].startswith("global_step")
+        ]
     return files
 
 
@@ -88,14 +91,21 @@ def _bf16_weights(path: Path) -> bytes:
     from safetensors.torch import load_file, save
 
     tensors = load_file(path)
-    return save({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()},
-                metadata={"format": "pt"})
+    return save(
+        {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()}, metadata={"format": "pt"}
+    )
 
 
-def pack(ckpt: Path, parts_dir: Path, weights_only: bool = False, weights_dtype: str = "float32",
-         part_mib: int = 16, log=print) -> dict:
+def pack(
+    ckpt: Path,
+    parts_dir: Path,
+    weights_only: bool = False,
+    weights_dtype: str = "float32",
+    part_mib: int = 16,
+    log=print,
+) -> dict:
     """Write `ckpt` into `parts_dir` as NAME.partNNN files and NAME.manifest.json; returns the manifest."""
-    from train_mla.recipe import checkpoint_problem
+    from train_mla.training.run_folder import CONTINUATION, checkpoint_problem
 
     if not ckpt.is_dir():
         raise SystemExit(f"error: {ckpt} is not a directory")
@@ -103,13 +113,16 @@ def pack(ckpt: Path, parts_dir: Path, weights_only: bool = False, weights_dtype:
     if problem:
         raise SystemExit(f"error: {ckpt} is not a complete checkpoint: {problem}")
     if weights_only and not list(ckpt.glob("*.safetensors")):
-        raise SystemExit(f"error: {ckpt} has no .safetensors weights beside its optimizer state (a ZeRO-3 checkpoint "
-                         "without gathered weights): pack it whole")
+        raise SystemExit(
+            f"error: {ckpt} has no .safetensors weights beside its optimizer state (a ZeRO-3 checkpoint "
+            "without gathered weights): pack it whole"
+        )
     if weights_dtype not in ("float32", "bfloat16"):
         raise SystemExit(f"error: --weights_dtype {weights_dtype}: float32 or bfloat16")
     if weights_dtype == "bfloat16" and not weights_only:
-        raise SystemExit("error: --weights_dtype bfloat16 goes with --weights_only "
-                         "(a whole checkpoint resumes exactly)")
+        raise SystemExit(
+            "error: --weights_dtype bfloat16 goes with --weights_only (a whole checkpoint resumes exactly)"
+        )
     name = ckpt.name
     parts_dir.mkdir(parents=True, exist_ok=True)
     if any(parts_dir.glob(f"{name}.*")):
@@ -118,6 +131,7 @@ def pack(ckpt: Path, parts_dir: Path, weights_only: bool = False, weights_dtype:
     files = {}
     writer = _PartWriter(parts_dir, name, part_mib << 20)
     with tarfile.open(fileobj=writer, mode="w|") as tar:
+
         def add(rel: str, data: bytes):
             info = tarfile.TarInfo(f"{name}/{rel}")
             info.size = len(data)
@@ -135,18 +149,35 @@ def pack(ckpt: Path, parts_dir: Path, weights_only: bool = False, weights_dtype:
         if kv.is_file() and not (ckpt / "kv_cache.json").exists():
             add("kv_cache.json", kv.read_bytes())
         if weights_only:
-            add(CONTINUATION, json.dumps({"optimizer_state": False, "weights_dtype": weights_dtype,
-                                          "global_step": state.get("global_step"), "packed_from": str(ckpt)},
-                                         indent=1).encode())
+            add(
+                CONTINUATION,
+                json.dumps(
+                    {
+                        "optimizer_state": False,
+                        "weights_dtype": weights_dtype,
+                        "global_step": state.get("global_step"),
+                        "packed_from": str(ckpt),
+                    },
+                    indent=1,
+                ).encode(),
+            )
     writer.close()
-    manifest = {"checkpoint": name, "global_step": state.get("global_step"), "weights_only": weights_only,
-                "weights_dtype": weights_dtype, "parts": writer.parts, "files": files}
+    manifest = {
+        "checkpoint": name,
+        "global_step": state.get("global_step"),
+        "weights_only": weights_only,
+        "weights_dtype": weights_dtype,
+        "parts": writer.parts,
+        "files": files,
+    }
     (parts_dir / f"{name}.manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     total = sum(p["bytes"] for p in writer.parts)
-    log(f"[transfer] packed {ckpt} (step {manifest['global_step']}{', weights only' if weights_only else ''}) into "
+    log(
+        f"[transfer] packed {ckpt} (step {manifest['global_step']}{', weights only' if weights_only else ''}) into "
         f"{len(writer.parts)} part(s) of at most {part_mib} MiB, {total / 2**20:.1f} MiB in all, in {parts_dir}; "
         f"move {name}.manifest.json and every {name}.part* file, then `python -m train_mla.checkpoint_transfer "
-        f"unpack FOLDER RUN_DIR`")
+        f"unpack FOLDER RUN_DIR`"
+    )
     return manifest
 
 
@@ -183,11 +214,14 @@ def unpack(parts_dir: Path, run_dir: Path, log=print) -> Path:
     for p in parts:  # every part present, whole and unchanged before anything is written
         path = parts_dir / p["file"]
         if not path.is_file():
-            raise SystemExit(f"error: part {path} is missing (the manifest lists {len(parts)} parts); "
-                             "nothing was written")
+            raise SystemExit(
+                f"error: part {path} is missing (the manifest lists {len(parts)} parts); nothing was written"
+            )
         if path.stat().st_size != p["bytes"] or _sha256(path) != p["sha256"]:
-            raise SystemExit(f"error: part {path} is damaged (size or SHA-256 differs from {manifests[0].name}); "
-                             "copy it again; nothing was written")
+            raise SystemExit(
+                f"error: part {path} is damaged (size or SHA-256 differs from {manifests[0].name}); "
+                "copy it again; nothing was written"
+            )
     target = run_dir / name
     if target.exists():
         raise SystemExit(f"error: {target} exists; nothing was written")
@@ -205,15 +239,20 @@ def unpack(parts_dir: Path, run_dir: Path, log=print) -> Path:
         (tmp / name).replace(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"[transfer] unpacked {target} (step {m.get('global_step')}, {len(files)} files checked"
+    log(
+        f"[transfer] unpacked {target} (step {m.get('global_step')}, {len(files)} files checked"
         f"{', weights only: the optimizer moments start afresh' if m.get('weights_only') else ''}); run the same "
-        f"training command with output_dir {run_dir} to continue")
+        f"training command with output_dir {run_dir} to continue"
+    )
     return target
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m train_mla.checkpoint_transfer", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m train_mla.checkpoint_transfer",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("pack", help="a checkpoint-N folder -> checksummed parts and a manifest")
     a.add_argument("checkpoint", type=Path)

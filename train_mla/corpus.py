@@ -70,11 +70,12 @@ def ngram_hashes(ids: np.ndarray, n: int) -> np.ndarray:
         return np.empty(0, np.uint64)
     out = np.zeros(len(ids) - n + 1, np.uint64)
     for i in range(n):  # polynomial rolling hash, wrapping at 2^64
-        out = out * _PRIME + ids[i: len(ids) - n + 1 + i]
+        out = out * _PRIME + ids[i : len(ids) - n + 1 + i]
     return out
 
 
 # --- the evaluation text ---------------------------------------------------------------------------------------------
+
 
 def _wikitext_articles(path: Path) -> list[tuple[str, str]]:
     """(title, text) of every article of a WikiText-2 file (articles start at ' = Title = ' lines)."""
@@ -99,33 +100,43 @@ def _jsonl(path: Path):
 def evaluation_texts(eval_data: Path, sharegpt_test: Path | None) -> tuple[dict[str, list[str]], dict[str, set]]:
     """({task: [item text, ...]}, {task: {normalised article title}}) for every evaluation task found.
     Raises FileNotFoundError naming what is missing when `eval_data` lacks the project's task files."""
-    need = {"wikitext-2 test": eval_data / "wikitext-2" / "wiki.test.raw",
-            "wikitext-2 valid": eval_data / "wikitext-2" / "wiki.valid.tokens",
-            "lambada test": eval_data / "lambada" / "lambada_test.jsonl",
-            "arc-easy test": eval_data / "eval" / "arc" / "ARC-Easy-Test.para.jsonl",
-            "siqa dev": eval_data / "eval" / "siqa" / "dev.jsonl",
-            "tinystories valid": eval_data / "tinystories" / "tinystories_valid_head.txt",
-            "ptb valid": eval_data / "ptb" / "ptb.valid.txt"}
+    need = {
+        "wikitext-2 test": eval_data / "wikitext-2" / "wiki.test.raw",
+        "wikitext-2 valid": eval_data / "wikitext-2" / "wiki.valid.tokens",
+        "lambada test": eval_data / "lambada" / "lambada_test.jsonl",
+        "arc-easy test": eval_data / "eval" / "arc" / "ARC-Easy-Test.para.jsonl",
+        "siqa dev": eval_data / "eval" / "siqa" / "dev.jsonl",
+        "tinystories valid": eval_data / "tinystories" / "tinystories_valid_head.txt",
+        "ptb valid": eval_data / "ptb" / "ptb.valid.txt",
+    }
     missing = [str(p) for p in need.values() if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"evaluation data missing: {', '.join(missing)} (pass --eval_data DIR, the folder "
-                                "holding wikitext-2/, lambada/, eval/arc, eval/siqa, tinystories/, ptb/; or "
-                                "--no_decontaminate to build without it)")
+        raise FileNotFoundError(
+            f"evaluation data missing: {', '.join(missing)} (pass --eval_data DIR, the folder "
+            "holding wikitext-2/, lambada/, eval/arc, eval/siqa, tinystories/, ptb/; or "
+            "--no_decontaminate to build without it)"
+        )
     texts, titles = {}, {}
     for task in ("wikitext-2 test", "wikitext-2 valid"):
         articles = _wikitext_articles(need[task])
         texts[task] = [a for _, a in articles]
         titles[task] = {normal_title(t) for t, _ in articles}
     texts["lambada test"] = [r["text"] for r in _jsonl(need["lambada test"])]
-    texts["arc-easy test"] = [r["question"]["stem"] + " " + " ".join(c["text"] for c in r["question"]["choices"])
-                              for r in _jsonl(need["arc-easy test"])]
+    texts["arc-easy test"] = [
+        r["question"]["stem"] + " " + " ".join(c["text"] for c in r["question"]["choices"])
+        for r in _jsonl(need["arc-easy test"])
+    ]
     texts["siqa dev"] = [r["context"] + " " + r["question"] for r in _jsonl(need["siqa dev"])]
     stories = need["tinystories valid"].read_text(encoding="utf-8").split("\n\n")
     texts["tinystories valid"] = [s for s in stories if s.strip()]
     texts["ptb valid"] = need["ptb valid"].read_text(encoding="utf-8").splitlines()
     if sharegpt_test is not None and sharegpt_test.is_file():
-        texts["sharegpt test"] = [m["content"] for r in _jsonl(sharegpt_test) for m in r.get("messages", [])
-                                  if isinstance(m.get("content"), str)]
+        texts["sharegpt test"] = [
+            m["content"]
+            for r in _jsonl(sharegpt_test)
+            for m in r.get("messages", [])
+            if isinstance(m.get("content"), str)
+        ]
     return texts, titles
 
 
@@ -178,10 +189,12 @@ class EvalIndex:
 # --- reading sources -------------------------------------------------------------------------------------------------
 
 _DOC = re.compile(r'<doc id="[^"]*"(?: url="[^"]*")? title="([^"]*)">\n(.*?)\n</doc>', re.S)
-_GUTENBERG_START = re.compile(r"^\*{3} ?START OF (?:THE|THIS) PROJECT GUTENBERG.*$|^\*END\*THE SMALL PRINT.*$",
-                              re.M | re.I)
-_GUTENBERG_END = re.compile(r"^\*{3} ?END OF (?:THE|THIS) PROJECT GUTENBERG|^End of (?:the |this )?Project Gutenberg",
-                            re.M | re.I)
+_GUTENBERG_START = re.compile(
+    r"^\*{3} ?START OF (?:THE|THIS) PROJECT GUTENBERG.*$|^\*END\*THE SMALL PRINT.*$", re.M | re.I
+)
+_GUTENBERG_END = re.compile(
+    r"^\*{3} ?END OF (?:THE|THIS) PROJECT GUTENBERG|^End of (?:the |this )?Project Gutenberg", re.M | re.I
+)
 _PRODUCED_BY = re.compile(r"^(?:produced by|e-?text prepared by|transcribed from|this e-?text was)", re.I)
 
 
@@ -207,15 +220,16 @@ def strip_gutenberg(text: str) -> tuple[str, bool]:
     start = _GUTENBERG_START.search(text)
     found = start is not None
     if start:
-        text = text[start.end():]
+        text = text[start.end() :]
         small_print_end = _GUTENBERG_START.search(text)  # older files: a licence block ending '*END*THE SMALL PRINT'
         if small_print_end and small_print_end.start() < 30000:
-            text = text[small_print_end.end():]
+            text = text[small_print_end.end() :]
     end = _GUTENBERG_END.search(text)
     if end:
         text = text[: end.start()]
-    paras = [p for p in re.split(r"\n\s*\n", text)
-             if "gutenberg" not in p.lower() and not _PRODUCED_BY.match(p.strip())]
+    paras = [
+        p for p in re.split(r"\n\s*\n", text) if "gutenberg" not in p.lower() and not _PRODUCED_BY.match(p.strip())
+    ]
     return "\n\n".join(p.strip("\n") for p in paras if p.strip()), found
 
 
@@ -252,6 +266,7 @@ def sections(text: str, max_words: int) -> list[str]:
 
 # --- the builder -----------------------------------------------------------------------------------------------------
 
+
 def source_documents(source: Path):
     """(kind, title, text, note) of every document of one SOURCE; kind 'wikipedia' or 'book'."""
     if source.is_dir() and is_wikiextractor_folder(source):
@@ -262,8 +277,14 @@ def source_documents(source: Path):
             yield "book", title, text, ("gutenberg header stripped" if gutenberg else None)
 
 
-def build(sources: list[Path], index: EvalIndex | None, min_words: int = 100, section_words: int = 3000,
-          max_documents: int | None = None, log=print) -> tuple[list[str], dict]:
+def build(
+    sources: list[Path],
+    index: EvalIndex | None,
+    min_words: int = 100,
+    section_words: int = 3000,
+    max_documents: int | None = None,
+    log=print,
+) -> tuple[list[str], dict]:
     """(kept section texts in source order, report {source: {reason: count}, 'removed_titles': {...}})."""
     kept, seen_titles, seen_text = [], set(), set()
     report = {"sources": {}, "removed_titles": defaultdict(list)}
@@ -318,12 +339,19 @@ def build(sources: list[Path], index: EvalIndex | None, min_words: int = 100, se
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m train_mla.corpus", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m train_mla.corpus",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("sources", nargs="+", type=Path, help="WikiExtractor folders, folders of .txt books, .txt files")
     p.add_argument("--output", required=True, type=Path, help="FILE.jsonl to write ({'text': ...} rows)")
-    p.add_argument("--eval_data", type=Path, default=DEFAULT_EVAL_DATA,
-                   help="folder of the evaluation tasks' files (default: ../shared/data beside the checkout)")
+    p.add_argument(
+        "--eval_data",
+        type=Path,
+        default=DEFAULT_EVAL_DATA,
+        help="folder of the evaluation tasks' files (default: ../shared/data beside the checkout)",
+    )
     p.add_argument("--no_decontaminate", action="store_true", help="keep text that overlaps the evaluation tasks")
     p.add_argument("--ngram", type=int, default=13, help="words per matched sequence (default 13)")
     p.add_argument("--min_words", type=int, default=100, help="documents with fewer words are stubs (default 100)")
@@ -337,8 +365,10 @@ def main(argv=None):
     if a.output.exists():
         raise SystemExit(f"error: {a.output} exists; choose another --output (nothing was changed)")
     if a.output.suffix != ".jsonl" or any(w in a.output.name for w in ("test", "valid")):
-        raise SystemExit(f"error: --output {a.output}: name a .jsonl file without 'test' or 'valid' in its name "
-                         "(dataset_mixer treats such files as evaluation splits)")
+        raise SystemExit(
+            f"error: --output {a.output}: name a .jsonl file without 'test' or 'valid' in its name "
+            "(dataset_mixer treats such files as evaluation splits)"
+        )
     for s in a.sources:
         if not s.exists():
             raise SystemExit(f"error: source {s} does not exist")
@@ -353,15 +383,18 @@ def main(argv=None):
         except FileNotFoundError as e:
             raise SystemExit(f"error: {e}") from None
         index = EvalIndex(texts, titles, a.ngram)
-        print(f"[corpus] decontaminating against {sum(index.items.values()):,} evaluation items ("
-              + ", ".join(f"{t} {n:,}" for t, n in sorted(index.items.items())) + f"; shorter than {MIN_ITEM_WORDS} "
-              f"words, not matched: {sum(index.short_skipped.values()):,}) and {sum(map(len, titles.values()))} "
-              "WikiText-2 article titles")
+        print(
+            f"[corpus] decontaminating against {sum(index.items.values()):,} evaluation items ("
+            + ", ".join(f"{t} {n:,}" for t, n in sorted(index.items.items()))
+            + f"; shorter than {MIN_ITEM_WORDS} "
+            f"words, not matched: {sum(index.short_skipped.values()):,}) and {sum(map(len, titles.values()))} "
+            "WikiText-2 article titles"
+        )
     else:
         print("[corpus] --no_decontaminate: evaluation text is NOT removed")
     tokenizer = None
     if a.tokenizer:
-        from train_mla.model_loading import load_tokenizer
+        from train_mla.model.loading import load_tokenizer
 
         tokenizer = load_tokenizer(a.tokenizer)
 
@@ -375,21 +408,32 @@ def main(argv=None):
             line = json.dumps({"text": text}, ensure_ascii=False) + "\n"
             f.write(line)
             digest.update(line.encode())
-    report.update(rows=len(kept), words=sum(r["words kept"] for r in report["sources"].values()),
-                  sha256=digest.hexdigest(),
-                  ngram=a.ngram, min_words=a.min_words, section_words=a.section_words, seed=a.seed,
-                  decontaminated=index is not None,
-                  eval_items=dict(index.items) if index else None)
+    report.update(
+        rows=len(kept),
+        words=sum(r["words kept"] for r in report["sources"].values()),
+        sha256=digest.hexdigest(),
+        ngram=a.ngram,
+        min_words=a.min_words,
+        section_words=a.section_words,
+        seed=a.seed,
+        decontaminated=index is not None,
+        eval_items=dict(index.items) if index else None,
+    )
     if tokenizer is not None:
-        report["tokens"] = sum(len(ids) for i in range(0, len(kept), 1000)
-                               for ids in tokenizer(kept[i: i + 1000], add_special_tokens=False)["input_ids"])
+        report["tokens"] = sum(
+            len(ids)
+            for i in range(0, len(kept), 1000)
+            for ids in tokenizer(kept[i : i + 1000], add_special_tokens=False)["input_ids"]
+        )
         report["tokenizer"] = a.tokenizer
     tmp.replace(a.output)
     a.output.with_suffix(".report.json").write_text(json.dumps(report, indent=1) + "\n")
     removed = sum(len(v) for v in report["removed_titles"].values())
-    print(f"[corpus] wrote {a.output}: {len(kept):,} rows, {report['words']:,} words"
-          + (f", {report['tokens']:,} tokens" if "tokens" in report else "")
-          + f"; {removed} Wikipedia articles removed as evaluation text (list: {a.output.with_suffix('.report.json')})")
+    print(
+        f"[corpus] wrote {a.output}: {len(kept):,} rows, {report['words']:,} words"
+        + (f", {report['tokens']:,} tokens" if "tokens" in report else "")
+        + f"; {removed} Wikipedia articles removed as evaluation text (list: {a.output.with_suffix('.report.json')})"
+    )
 
 
 if __name__ == "__main__":

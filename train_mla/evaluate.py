@@ -36,8 +36,10 @@ def check_tasks(tasks: list[str], task_manager) -> None:
     unknown = [t for t in tasks if t not in task_manager.all_tasks]
     if unknown:
         local = ALIASES["offline"] + ALIASES["shared"]
-        raise SystemExit(f"error: unknown lm-eval task(s) {unknown}; the offline tasks are {local} (eval_tasks/README.md),"
-                         " hub tasks are listed by `lm_eval ls tasks`")
+        raise SystemExit(
+            f"error: unknown lm-eval task(s) {unknown}; the offline tasks are {local} (eval_tasks/README.md),"
+            " hub tasks are listed by `lm_eval ls tasks`"
+        )
     offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE") == "1"
     for name in tasks:
         for leaf, cfg in _leaf_configs(name, task_manager):
@@ -46,12 +48,17 @@ def check_tasks(tasks: list[str], task_manager) -> None:
                 files = (cfg.get("dataset_kwargs") or {}).get("data_files") or {}
                 for f in files.values() if isinstance(files, dict) else [files]:
                     if not (REPO / f).exists():
-                        hint = ("run `python -m train_mla.sharegpt --output_dir data/sharegpt`" if "sharegpt" in f
-                                else "these tasks need ../shared/data beside the repository")
+                        hint = (
+                            "run `python -m train_mla.sharegpt --output_dir data/sharegpt`"
+                            if "sharegpt" in f
+                            else "these tasks need ../shared/data beside the repository"
+                        )
                         raise SystemExit(f"error: task {leaf!r} reads {f}, which does not exist ({hint})")
             elif path and offline:
-                raise SystemExit(f"error: task {leaf!r} downloads the hub dataset {path!r}, but this machine is "
-                                 "offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE). Use --tasks offline or --tasks shared.")
+                raise SystemExit(
+                    f"error: task {leaf!r} downloads the hub dataset {path!r}, but this machine is "
+                    "offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE). Use --tasks offline or --tasks shared."
+                )
 
 
 def _leaf_configs(name, tm, depth=0):
@@ -91,14 +98,18 @@ def main(argv=None):
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--limit", type=float, default=None, help="examples per task (testing only)")
     p.add_argument("--output", default=None, help="output dir (default CKPT/eval, or ./eval_results/NAME)")
-    p.add_argument("--max_length", type=int, default=None,
-                   help="longest context given to the model (default: its max_position_embeddings)")
+    p.add_argument(
+        "--max_length",
+        type=int,
+        default=None,
+        help="longest context given to the model (default: its max_position_embeddings)",
+    )
     a = p.parse_args(argv)
 
     os.chdir(REPO)  # task YAMLs use paths relative to the repository root
     import torch
 
-    from .model_loading import ModelNotFoundError, resolve
+    from train_mla.model.loading import ModelNotFoundError, resolve
 
     try:
         where, gguf = resolve(a.checkpoint)
@@ -115,16 +126,32 @@ def main(argv=None):
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     local = Path(where).is_dir()
     own_dir = local and not gguf and not a.checkpoint.startswith("package:")  # never write into a package cache
-    out = Path(a.output) if a.output else (Path(where) / "eval" if own_dir
-                                           else REPO / "eval_results" / a.checkpoint.replace("/", "_").replace(":", "_"))
+    out = (
+        Path(a.output)
+        if a.output
+        else (
+            Path(where) / "eval"
+            if own_dir
+            else REPO / "eval_results" / a.checkpoint.replace("/", "_").replace(":", "_")
+        )
+    )
     model_args = {"pretrained": where, "dtype": a.dtype}
     if gguf:
         model_args["gguf_file"] = gguf
     if a.max_length:
         model_args["max_length"] = a.max_length
     print(f"[eval] {a.checkpoint}: tasks {tasks} on {device} ({a.dtype}), results -> {out}", flush=True)
-    res = simple_evaluate(model="hf", model_args=model_args, tasks=tasks, num_fewshot=a.num_fewshot,
-                          batch_size=a.batch_size, device=device, limit=a.limit, task_manager=tm, log_samples=False)
+    res = simple_evaluate(
+        model="hf",
+        model_args=model_args,
+        tasks=tasks,
+        num_fewshot=a.num_fewshot,
+        batch_size=a.batch_size,
+        device=device,
+        limit=a.limit,
+        task_manager=tm,
+        log_samples=False,
+    )
     res = {k: v for k, v in res.items() if k != "samples"}
     res["checkpoint"] = a.checkpoint
     kv = Path(where) / "kv_cache.json"
@@ -147,7 +174,10 @@ def write_results(out: Path, res: dict) -> None:
             if (out / f"results{suffix}").is_file():
                 (out / f"results{suffix}").replace(out / f"results.{stamp}{suffix}")
         print(f"[eval] kept the previous results as {out / f'results.{stamp}.json'}", flush=True)
-    for name, text in (("results.json", json.dumps(res, indent=2, default=str) + "\n"), ("results.md", markdown(res) + "\n")):
+    for name, text in (
+        ("results.json", json.dumps(res, indent=2, default=str) + "\n"),
+        ("results.md", markdown(res) + "\n"),
+    ):
         tmp = out / f".{name}.tmp"
         tmp.write_text(text)
         tmp.replace(out / name)

@@ -14,8 +14,14 @@ import json
 import random
 from pathlib import Path
 
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "assistant": "assistant",
-         "system": "system"}
+ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
 
 
 def sharegpt_file() -> Path:
@@ -91,7 +97,7 @@ def main(argv=None):
                 break
     rng = random.Random(a.seed)
     rng.shuffle(convs)
-    test, train = convs[:a.test_conversations], convs[a.test_conversations:]
+    test, train = convs[: a.test_conversations], convs[a.test_conversations :]
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("chat_train", train), ("chat_test", test)):
         with open(out / f"{name}.jsonl", "w") as f:
@@ -104,12 +110,16 @@ def main(argv=None):
     with open(out / "reply_choice_test.jsonl", "w") as f:  # multiple choice: which reply answers this prompt?
         for i, m in enumerate(test):
             others = rng.sample([j for j in range(len(test)) if j != i], 3)
-            replies = [test[j][-1]["content"][:a.choice_chars] for j in others]
+            replies = [test[j][-1]["content"][: a.choice_chars] for j in others]
             label = rng.randrange(4)
-            replies.insert(label, m[-1]["content"][:a.choice_chars])
-            f.write(json.dumps({"prompt": m[-2]["content"][:a.choice_chars], "choices": replies, "label": label}) + "\n")
-    print(f"wrote {len(train)} training and {len(test)} test conversations, preference pairs and a reply-choice "
-          f"test to {out}")
+            replies.insert(label, m[-1]["content"][: a.choice_chars])
+            f.write(
+                json.dumps({"prompt": m[-2]["content"][: a.choice_chars], "choices": replies, "label": label}) + "\n"
+            )
+    print(
+        f"wrote {len(train)} training and {len(test)} test conversations, preference pairs and a reply-choice "
+        f"test to {out}"
+    )
 
 
 if __name__ == "__main__":

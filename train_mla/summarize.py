@@ -53,9 +53,17 @@ def row(res: dict, label: str) -> dict:
             n[task] = counts[task].get("effective", counts[task].get("original"))
     kv = res.get("kv_cache")  # MLA checkpoints carry their kv_cache.json; a GQA source has none
     mla_bytes, src_bytes = (kv["mla_bytes_per_token"], kv["source_bytes_per_token"]) if kv else (None, None)
-    return {"label": label, "scores": scores, "stderr": stderr, "n": n, "perplexity": ppl, "perplexity_metric": ppl_metric,
-            "average": sum(scores[t] for t in averaged_tasks(scores)) / len(averaged_tasks(scores)) if scores else None,
-            "kv_bytes_per_token": mla_bytes, "source_kv_bytes_per_token": src_bytes}
+    return {
+        "label": label,
+        "scores": scores,
+        "stderr": stderr,
+        "n": n,
+        "perplexity": ppl,
+        "perplexity_metric": ppl_metric,
+        "average": sum(scores[t] for t in averaged_tasks(scores)) / len(averaged_tasks(scores)) if scores else None,
+        "kv_bytes_per_token": mla_bytes,
+        "source_kv_bytes_per_token": src_bytes,
+    }
 
 
 def table(rows: list[dict], note: str | None = None) -> str:
@@ -67,23 +75,38 @@ def table(rows: list[dict], note: str | None = None) -> str:
     with_avg = len(tasks) > 1
     avg_of = averaged_tasks(tasks)
     head = ["model", "KV bytes/token", "KV vs source"] + tasks
-    head += ([f"avg of {len(avg_of)}" if avg_of != tasks else "avg"] if with_avg else [])
+    head += [f"avg of {len(avg_of)}" if avg_of != tasks else "avg"] if with_avg else []
     head += [f"{t} ({metric[t]})" for t in ppl_tasks]
-    lines = ([f"**{note}**", ""] if note else []) + ["| " + " | ".join(head) + " |",
-                                                     "|" + "---|" + "---:|" * (len(head) - 1)]
+    lines = ([f"**{note}**", ""] if note else []) + [
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" + "---:|" * (len(head) - 1),
+    ]
     for r in rows:
         kv, src = r["kv_bytes_per_token"], r["source_kv_bytes_per_token"]
-        cells = [r["label"], f"{kv:,}" if kv else (f"{src:,}" if src else "-"),
-                 f"{100 * kv / src:.1f} %" if kv and src else "100 %"]
-        cells += [(f"{r['scores'][t]:.2f}" + (f" ± {r['stderr'][t]:.2f}" if t in r["stderr"] else ""))
-                  if t in r["scores"] else "-" for t in tasks]
+        cells = [
+            r["label"],
+            f"{kv:,}" if kv else (f"{src:,}" if src else "-"),
+            f"{100 * kv / src:.1f} %" if kv and src else "100 %",
+        ]
+        cells += [
+            (f"{r['scores'][t]:.2f}" + (f" ± {r['stderr'][t]:.2f}" if t in r["stderr"] else ""))
+            if t in r["scores"]
+            else "-"
+            for t in tasks
+        ]
         if with_avg:
             cells += [f"{r['average']:.2f}" if r["average"] is not None else "-"]
         cells += [f"{r['perplexity'][t]:,.2f}" if t in r["perplexity"] else "-" for t in ppl_tasks]
         lines.append("| " + " | ".join(cells) + " |")
     n = {t: next((r["n"][t] for r in rows if t in r["n"]), None) for t in tasks + ppl_tasks}
-    lines += ["", "Scores: acc_norm where the task has it, else acc, in %, ± one standard error (lm-eval's)"
-              + (f"; the average is over {', '.join(avg_of)}" if with_avg else "") + ". Items per task: " + ", ".join(f"{t} {v:,}" for t, v in n.items() if v) + "."]
+    lines += [
+        "",
+        "Scores: acc_norm where the task has it, else acc, in %, ± one standard error (lm-eval's)"
+        + (f"; the average is over {', '.join(avg_of)}" if with_avg else "")
+        + ". Items per task: "
+        + ", ".join(f"{t} {v:,}" for t, v in n.items() if v)
+        + ".",
+    ]
     return "\n".join(lines)
 
 
@@ -105,7 +128,9 @@ def plot(rows: list[dict], path: Path, note: str | None = None) -> None:
 
     tasks = sorted({t for r in rows for t in r["scores"]})
     ppl_tasks = sorted({t for r in rows for t in r["perplexity"]})
-    ppl_task = next((t for t in ("wikitext2_local", "sharegpt_ppl") if t in ppl_tasks), ppl_tasks[0] if ppl_tasks else None)
+    ppl_task = next(
+        (t for t in ("wikitext2_local", "sharegpt_ppl") if t in ppl_tasks), ppl_tasks[0] if ppl_tasks else None
+    )
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.2, 1]})
     same = {}  # models of one cache size sit side by side, not on top of each other
     for r in rows:
@@ -118,13 +143,27 @@ def plot(rows: list[dict], path: Path, note: str | None = None) -> None:
         group = same[kv]
         kv = kv * 1.08 ** (group.index(r["label"]) - (len(group) - 1) / 2)
         se = r["stderr"][tasks[0]] if len(tasks) == 1 and tasks[0] in r["stderr"] else None
-        a.errorbar([kv], [r["average"]], yerr=[se] if se else None, fmt="*" if is_source else "o",
-                   ms=14 if is_source else 8, capsize=4, color=f"C{i}", label=r["label"],
-                   alpha=0.9, zorder=3 - 0.1 * i)
+        a.errorbar(
+            [kv],
+            [r["average"]],
+            yerr=[se] if se else None,
+            fmt="*" if is_source else "o",
+            ms=14 if is_source else 8,
+            capsize=4,
+            color=f"C{i}",
+            label=r["label"],
+            alpha=0.9,
+            zorder=3 - 0.1 * i,
+        )
         if is_source:
             a.axhline(r["average"], linestyle="--", color="gray", linewidth=1)
-    kvs = sorted({r["kv_bytes_per_token"] or r["source_kv_bytes_per_token"] for r in rows
-                  if (r["kv_bytes_per_token"] or r["source_kv_bytes_per_token"])})
+    kvs = sorted(
+        {
+            r["kv_bytes_per_token"] or r["source_kv_bytes_per_token"]
+            for r in rows
+            if (r["kv_bytes_per_token"] or r["source_kv_bytes_per_token"])
+        }
+    )
     a.set_xscale("log")
     if kvs:
         a.set_xticks(kvs)
@@ -138,11 +177,20 @@ def plot(rows: list[dict], path: Path, note: str | None = None) -> None:
     a.grid(alpha=0.3)
     if ppl_task:
         have = [(i, r) for i, r in enumerate(rows) if ppl_task in r["perplexity"]]
-        b.barh([r["label"] for _, r in have][::-1], [r["perplexity"][ppl_task] for _, r in have][::-1],
-               color=[f"C{i}" for i, _ in have][::-1])
+        b.barh(
+            [r["label"] for _, r in have][::-1],
+            [r["perplexity"][ppl_task] for _, r in have][::-1],
+            color=[f"C{i}" for i, _ in have][::-1],
+        )
         for y, (_, r) in enumerate(have[::-1]):
-            b.annotate(f"{r['perplexity'][ppl_task]:,.1f}", (r["perplexity"][ppl_task], y), xytext=(3, 0),
-                       textcoords="offset points", va="center", fontsize=8)
+            b.annotate(
+                f"{r['perplexity'][ppl_task]:,.1f}",
+                (r["perplexity"][ppl_task], y),
+                xytext=(3, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=8,
+            )
         vals = [r["perplexity"][ppl_task] for _, r in have]
         b.set_xscale("log")
         b.set_xlim(min(vals) / 3, max(vals) * 3)
@@ -170,7 +218,9 @@ def main(argv=None):
     p.add_argument("--note", default=None, help="a line above the table and over the plot (e.g. what the run was)")
     a = p.parse_args(argv)
     results = [load(r) for r in a.results]
-    labels = a.labels.split(",") if a.labels else [Path(r.get("checkpoint", f)).name for r, f in zip(results, a.results)]
+    labels = (
+        a.labels.split(",") if a.labels else [Path(r.get("checkpoint", f)).name for r, f in zip(results, a.results)]
+    )
     if len(labels) != len(results):
         raise SystemExit(f"error: {len(labels)} labels for {len(results)} results")
     rows = [row(r, lab) for r, lab in zip(results, labels)]
@@ -182,7 +232,9 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     md = table(rows, a.note)
     out.with_suffix(".md").write_text(md + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"note": a.note, "rows": rows, "source_kv_bytes_per_token": src}, indent=2) + "\n")
+    out.with_suffix(".json").write_text(
+        json.dumps({"note": a.note, "rows": rows, "source_kv_bytes_per_token": src}, indent=2) + "\n"
+    )
     plot(rows, out.with_suffix(".png"), a.note)
     print(md)
     print(f"\nwrote {out.with_suffix('.md')}, {out.with_suffix('.json')}, {out.with_suffix('.png')}")

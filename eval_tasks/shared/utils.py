@@ -10,8 +10,12 @@ def arc_docs(dataset):
     def fix(doc):
         choices = doc["question"]["choices"]
         labels = [c["label"] for c in choices]
-        return {"query": doc["question"]["stem"], "choices": [c["text"] for c in choices],
-                "gold": labels.index(doc["answerKey"])}
+        return {
+            "query": doc["question"]["stem"],
+            "choices": [c["text"] for c in choices],
+            "gold": labels.index(doc["answerKey"]),
+        }
+
     return dataset.map(fix, remove_columns=dataset.column_names)
 
 

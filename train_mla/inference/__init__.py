@@ -1,0 +1,1 @@
+"""Decoding over the latent cache: the engine and its attention kernels."""
