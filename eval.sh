@@ -52,10 +52,10 @@ PY=${PYTHON:-python3}
 resolved=()
 for c in "${ckpts[@]}"; do
   if [ -d "$c" ]; then  # a model folder: config and whole weights (safetensors checked, or .bin), before lm-eval starts
-    problem=$(cd "$(dirname "$0")" && ${PYTHON:-python3} -c "import importlib.util as u, sys; from pathlib import Path
-s = u.spec_from_file_location('recipe', 'train_mla/training/recipe.py'); m = u.module_from_spec(s); s.loader.exec_module(m)
+    problem=$(cd "$(dirname "$0")" && ${PYTHON:-python3} -c "import sys; from pathlib import Path
+from train_mla.training.run_folder import saved_model_problem
 d = Path(sys.argv[1]); bin_only = list(d.glob('*.bin')) and not list(d.glob('*.safetensors'))
-print('' if bin_only and (d / 'config.json').is_file() else m.saved_model_problem(d) or '')" "$(cd "$c" && pwd)")
+print('' if bin_only and (d / 'config.json').is_file() else saved_model_problem(d) or '')" "$(cd "$c" && pwd)")
     if [ -n "$problem" ]; then echo "eval.sh: '$c' holds no complete model ($problem)" >&2; exit 2; fi
     resolved+=("$(cd "$c" && pwd)")
   elif [ -e "$c" ]; then

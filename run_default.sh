@@ -96,11 +96,9 @@ stage_failed() {  # log
   fi
   tail -20 "$1"; exit 1
 }
-finished() {  # $1 holds a finished training output ($2 = saved_model_problem: a complete converted model); recipe.py
-  # alone: importing the package would load transformers
-  $PY -c "import importlib.util as u, sys; from pathlib import Path; s = u.spec_from_file_location('recipe', 'train_mla/training/recipe.py')
-m = u.module_from_spec(s); s.loader.exec_module(m); sys.exit(getattr(m, sys.argv[2])(Path(sys.argv[1])) is not None)" \
-    "$1" "${2:-finished_run_problem}"
+finished() {  # $1 holds a finished training output ($2 = saved_model_problem: a complete converted model)
+  $PY -c "import sys; from pathlib import Path; import train_mla.training.run_folder as f
+sys.exit(getattr(f, sys.argv[2])(Path(sys.argv[1])) is not None)" "$1" "${2:-finished_run_problem}"
 }
 # the step lines on the console, all in the log; the pipe outlives a SIGTERM so that the checkpoint's log lines land
 progress() { trap '' TERM INT; tee -a "$1" | { grep -a --line-buffered -o '\[train_mla\] .*' || true; }; }
@@ -206,7 +204,7 @@ if [ "$gpu" = 1 ] && [ "$quick" != 1 ]; then
   stamp "quality against training tokens: $OUT/stage1_curve.png"
 else
   echo; echo "[run_default] For comparison, what a GPU run of this script gave (one H200, docs/results.md):"
-  sed -n '3,8p' docs/results_smollm2_teacher_default_h200/summary.md
+  sed -n '3,8p' docs/results/summary_2026-12-03_sixth.md
 fi
 stamp "done: $OUT/summary.md, $OUT/summary.png (disk used: $(du -sh "$OUT" | cut -f1))"
 [ ${#failed[@]} -eq 0 ]

@@ -1,7 +1,7 @@
 """Decode speed of the generation engine: a Llama-3.2-1B-shaped GQA model against its MLA version (kv_lora_rank 64
 + rope 32), both with random weights (speed does not depend on them), in the same engine.
 
-    python benchmarks/decode.py                       # the issue's grid on one GPU, writes docs/benchmarks_decode.*
+    python benchmarks/decode.py                       # the issue's grid on one GPU, writes runs/benchmarks/decode.*
     python benchmarks/decode.py --smoke --out /tmp/x  # tiny shapes on CPU: checks that the script runs
 
 For every (batch, context): B random prompts of `context` tokens are prefilled for real, then --steps greedy decode
@@ -215,7 +215,7 @@ def main(argv=None):
     p.add_argument("--prefill_tokens", type=int, default=65536)
     p.add_argument("--models", nargs="*", default=["GQA", "MLA"], help="which models to run (name prefixes)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU is fine): only checks the script")
-    p.add_argument("--out", default="docs/benchmarks_decode")
+    p.add_argument("--out", default="runs/benchmarks/decode")
     p.add_argument("--tiles", help="a benchmarks/decode_kernel_sweep.py output: run the kernel with its best tiles")
     a = p.parse_args(argv)
     if a.tiles:

@@ -1,7 +1,7 @@
 """Tile sizes of the split-KV decode kernel: cache bandwidth of one attention call at batch 64, context 8k, for the
 MLA layout (one latent head, 32 query heads, 64 + 32 columns) and the GQA layout (8 heads of 64, 4 queries each).
 
-    python benchmarks/decode_kernel_sweep.py      # GPU; prints a table, writes docs/benchmarks_kernel_sweep.json
+    python benchmarks/decode_kernel_sweep.py      # GPU; prints a table, writes docs/benchmarks/decode_kernel_sweep.json
     python benchmarks/decode_kernel_sweep.py --default_only --points 1x1024 64x8192 --out /tmp/k.json  # TILE only
 
 Bandwidth = cache bytes the call must read / its time (CUDA graph replays timed by CUDA events, median of 20; the
@@ -91,7 +91,7 @@ def cases(dev, B, T):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("out", nargs="?", default="docs/benchmarks_kernel_sweep.json")
+    p.add_argument("out", nargs="?", default="runs/benchmarks/decode_kernel_sweep.json")
     p.add_argument("--out", dest="out_option", help="the output path, as an option (after --points)")
     p.add_argument("--points", nargs="*", default=["64x8192"], help="BATCHxCONTEXT")
     p.add_argument("--default_only", action="store_true", help="only decode_attention.TILE, not the GRID")
@@ -143,6 +143,7 @@ def main(argv=None):
             if ok:
                 best[layout if len(args.points) == 1 else f"{layout} {point}"] = max(ok, key=lambda r: r["tb_per_s"])
     print("best", json.dumps(best))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
         json.dumps(
             {"device": torch.cuda.get_device_name(), "points": args.points, "rows": rows, "best": best}, indent=2

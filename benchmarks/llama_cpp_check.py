@@ -8,7 +8,7 @@ MLA_CKPT is an exportable MLA checkpoint (use_lora_layer_norm: true). DIR is a l
 (llama-cpp-python) must be importable. Steps: `export_deepseek` -> llama.cpp's converter (float32 GGUF) -> the same
 token windows through transformers' stock `DeepseekV3ForCausalLM` and through llama.cpp (token ids, so both see the
 same input whatever the tokenizers do), greedy continuation of the text's first 32 tokens, and the KV-cache size
-llama.cpp reports in its log against this project's accounting. Prints a table, writes docs/llama_cpp_NAME.{json,md}.
+llama.cpp reports in its log against this project's accounting. Prints a table, writes runs/benchmarks/llama_cpp_NAME.{json,md}.
 """
 
 import argparse
@@ -171,7 +171,7 @@ def main(argv=None):
     p.add_argument("--text", default="../shared/data/wikitext-2/wiki.test.raw")
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--window", type=int, default=512)
-    p.add_argument("--name", default=None, help="writes docs/llama_cpp_NAME.{json,md}")
+    p.add_argument("--name", default=None, help="writes runs/benchmarks/llama_cpp_NAME.{json,md}")
     p.add_argument("--work", default=None, help="folder for the export and the GGUF (default: a temporary one)")
     a = p.parse_args(argv)
     from transformers import AutoTokenizer
@@ -205,7 +205,8 @@ def main(argv=None):
     )
     print(md)
     if a.name:
-        out = Path(__file__).resolve().parents[1] / "docs" / f"llama_cpp_{a.name}"
+        out = Path(__file__).resolve().parents[1] / "runs" / "benchmarks" / f"llama_cpp_{a.name}"
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps(r, indent=2) + "\n")
         out.with_suffix(".md").write_text(md + "\n")
         print(f"wrote {out}.json, .md")

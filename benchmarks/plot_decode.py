@@ -1,6 +1,6 @@
 """Plot decode tokens/s against context for both models from benchmarks/decode.py's JSON.
 
-python benchmarks/plot_decode.py docs/benchmarks_decode.json docs/benchmarks_decode.png
+python benchmarks/plot_decode.py runs/benchmarks/decode.json runs/benchmarks/decode.png
 """
 
 import json

@@ -1,6 +1,6 @@
 """Stage-1 KL against training tokens, from the trainer_state.json of distillation runs.
 
-python benchmarks/plot_kl.py RUN_DIR[:label] ... --tokens_per_step 32768 --output docs/kl_curve.png
+python benchmarks/plot_kl.py RUN_DIR[:label] ... --tokens_per_step 32768 --output runs/kl_curve.png
 """
 
 import argparse

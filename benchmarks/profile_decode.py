@@ -56,7 +56,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--points", nargs="*", default=["64x8192"], help="BATCHxCONTEXT")
     p.add_argument("--compiled_only", action="store_true", help="only the torch.compile'd step")
-    p.add_argument("--out", default="docs/benchmarks_profile.json")
+    p.add_argument("--out", default="runs/benchmarks/decode_profile.json")
     args = p.parse_args(argv)
     dev = torch.device("cuda")
     models, _ = decode.build_models(False, dev, torch.bfloat16)
@@ -74,6 +74,7 @@ def main(argv=None):
                 )
                 for t in run["top"]:
                     print(f"    {t['us_per_step']:8.1f} us  x{t['calls_per_step']:.0f}  {t['kernel']}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
 

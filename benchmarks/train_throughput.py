@@ -74,8 +74,8 @@ def main(argv=None):
     p.add_argument("--teacher_fp8", action="store_true", help="teacher_fp8: true (the teacher's decoder in FP8)")
     p.add_argument(
         "--out",
-        default="docs/benchmarks_train_throughput",
-        help="OUT.json / OUT.md (docs/benchmarks_train.* hold the older component benchmark)",
+        default="runs/benchmarks/train_throughput",
+        help="OUT.json / OUT.md (docs/benchmarks/train_throughput.md holds the published table)",
     )
     a = p.parse_args(argv)
 

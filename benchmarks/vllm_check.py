@@ -16,7 +16,7 @@ llama3.2_3B/mla_kv_rank_512_rope_64_8bt_engines.yaml does), exported as `rope_ty
 scaling is dropped (what an engine that ignored it would give). `--rope llama3_yarn`: the same source and frequencies,
 upcycled with `rope_key_scaling: deepseek_yarn` (the key rotates at DeepSeek-YaRN frequencies fitted to the llama3
 rule), exported as `rope_type: yarn`, the scaled RoPE vLLM's DeepSeek models compute. Prints a table, writes
-docs/vllm_NAME.{json,md}.
+runs/benchmarks/vllm_NAME.{json,md}.
 """
 
 import argparse
@@ -273,7 +273,8 @@ def main(argv=None):
                 f"{f(c['max_abs_generated_logprob_diff'])} | {share} |\n"
             )
     print(md)
-    docs = Path(__file__).resolve().parents[1] / "docs"
+    docs = Path(__file__).resolve().parents[1] / "runs" / "benchmarks"
+    docs.mkdir(parents=True, exist_ok=True)
     (docs / f"vllm_{args.name}.json").write_text(json.dumps(r, indent=1) + "\n")
     cmd = "python benchmarks/vllm_check.py --vllm_python PY" + (
         "" if args.rope == "default" else f" --rope {args.rope}"

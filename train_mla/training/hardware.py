@@ -9,7 +9,7 @@ def fit_attention_to_machine(
 ) -> str | None:
     """flex_attention has no backward pass on a CPU: off a GPU (none found, or use_cpu) the same attention runs
     through SDPA (same document masks, same results). Nor does it compile inside ZeRO-3's hooked layers (Inductor's
-    `LoweringException: ... 'floor' and 'Add'` on the H200, torch 2.11: docs/bench_h200_2026-12-04/
+    `LoweringException: ... 'floor' and 'Add'` on the H200, torch 2.11: docs/benchmarks.md, stage-1 training step
     train_zero3_flex_failure.log): with compiled layers under ZeRO-3, SDPA too. Returns the line that says so, or None
     when nothing changed."""
     import torch
