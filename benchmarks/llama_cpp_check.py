@@ -8,7 +8,8 @@ MLA_CKPT is an exportable MLA checkpoint (use_lora_layer_norm: true). DIR is a l
 (llama-cpp-python) must be importable. Steps: `export_deepseek` -> llama.cpp's converter (float32 GGUF) -> the same
 token windows through transformers' stock `DeepseekV3ForCausalLM` and through llama.cpp (token ids, so both see the
 same input whatever the tokenizers do), greedy continuation of the text's first 32 tokens, and the KV-cache size
-llama.cpp reports in its log against this project's accounting. Prints a table, writes runs/benchmarks/llama_cpp_NAME.{json,md}.
+llama.cpp reports in its log against this project's accounting. Prints a table, writes
+runs/benchmarks/llama_cpp_NAME.{json,md}.
 """
 
 import argparse

@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from train_mla.inference import engine as engine_module
 from train_mla.conversion.gqa_to_mla import upcycle
+from train_mla.inference import engine as engine_module
 from train_mla.inference.engine import Engine
 from train_mla.model.kv_cache_size import kv_cache_table
 from train_mla.training.arguments import MLAArguments
