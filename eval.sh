@@ -11,8 +11,8 @@
 #   shared  = arc_easy_local,siqa_local,lambada_local,wikitext2_local,tinystories_local (needs ../shared/data)
 # Defaults (the paper's), each also settable through the environment: TASKS=paper NUM_FEWSHOT=0 BATCH_SIZE=16
 # DEVICE=cuda (cpu without a GPU) DTYPE=bfloat16 LIMIT= (all examples).
-# With several visible GPUs the checkpoints run in parallel, one GPU each; every job is awaited and the script
-# exits non-zero if any failed. Results: CKPT/eval/results.json (lm-eval output) and CKPT/eval/results.md (hub ids
+# With several visible GPUs the checkpoints run in parallel, one GPU each (train_mla/evaluation/pool.py); every job
+# is awaited and the script exits non-zero if any failed. Results: CKPT/eval/results.json (lm-eval output) and CKPT/eval/results.md (hub ids
 # and packages: eval_results/NAME/), the log in a temporary file; --output DIR (one checkpoint) puts both in DIR.
 # --max_length L caps the context lm-eval gives the model (default: the model's max_position_embeddings).
 set -uo pipefail
@@ -78,30 +78,8 @@ if [ -z "$DEVICE" ] || [[ "$DEVICE" == cuda* ]]; then
 fi
 [ -z "$DEVICE" ] && { [ "$ngpu" -gt 0 ] && DEVICE=cuda || DEVICE=cpu; }
 
-pids=(); names=(); logs=(); failed=0
-run_one() {  # $1 checkpoint, $2 GPU index or ""
-  local extra=(); [ -n "$LIMIT" ] && extra+=(--limit "$LIMIT")
-  [ -n "$MAX_LENGTH" ] && extra+=(--max_length "$MAX_LENGTH"); [ -n "$OUTPUT" ] && extra+=(--output "$OUTPUT")
-  local dev=$DEVICE; [ -n "$2" ] && dev=cuda
-  (cd "$repo" && { [ -n "$2" ] && export CUDA_VISIBLE_DEVICES=$2; true; } && $PY -m train_mla.evaluate "$1" --tasks "$TASKS" \
-     --num_fewshot "$NUM_FEWSHOT" --batch_size "$BATCH_SIZE" --device "$dev" --dtype "$DTYPE" "${extra[@]}")
-}
-slots=$([ "$DEVICE" != cpu ] && [ "$ngpu" -gt 1 ] && echo "$ngpu" || echo 1)
-i=0
-for c in "${resolved[@]}"; do
-  gpu=""; [ "$slots" -gt 1 ] && gpu=$((i % slots))
-  if [ -n "$OUTPUT" ]; then log=$OUTPUT/eval.log; else log=$(mktemp -t eval_XXXX.log); fi
-  echo "[eval.sh] $c -> ${gpu:+GPU $gpu}${gpu:-$DEVICE} (log: $log)"
-  run_one "$c" "$gpu" >"$log" 2>&1 &
-  pids+=($!); names+=("$c"); logs+=("$log"); i=$((i + 1))
-  if [ ${#pids[@]} -ge "$slots" ]; then   # wait for the oldest job before starting another
-    wait "${pids[0]}" || { echo "[eval.sh] FAILED: ${names[0]} (see ${logs[0]}):" >&2; tail -5 "${logs[0]}" >&2; failed=1; }
-    [ -f "${logs[0]}" ] && grep -A100 '^\*\*' "${logs[0]}" | head -40
-    pids=("${pids[@]:1}"); names=("${names[@]:1}"); logs=("${logs[@]:1}")
-  fi
-done
-for k in "${!pids[@]}"; do
-  wait "${pids[$k]}" || { echo "[eval.sh] FAILED: ${names[$k]} (see ${logs[$k]}):" >&2; tail -5 "${logs[$k]}" >&2; failed=1; }
-  grep -A100 '^\*\*' "${logs[$k]}" | head -40
-done
-exit $failed
+extra=(--tasks "$TASKS" --num_fewshot "$NUM_FEWSHOT" --batch_size "$BATCH_SIZE" --dtype "$DTYPE")
+[ -n "$LIMIT" ] && extra+=(--limit "$LIMIT"); [ -n "$MAX_LENGTH" ] && extra+=(--max_length "$MAX_LENGTH")
+slots=$([ "$DEVICE" != cpu ] && [ "$ngpu" -gt 1 ] && echo "$ngpu" || echo 1)  # one checkpoint per GPU
+[ "$slots" -gt 1 ] && extra+=(--device cuda) || extra+=(--device "$DEVICE")
+cd "$repo" && exec $PY -m train_mla.evaluation.pool "${resolved[@]}" ${OUTPUT:+--output "$OUTPUT"} --gpus "$slots" -- "${extra[@]}"

@@ -282,6 +282,22 @@ def test_a_checkpoint_of_another_recipe_is_refused_before_any_heavy_work(tiny_ru
     assert "Tokenis" not in r.stdout + r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_checkpoint_whose_config_disagrees_with_its_weights_is_one_line_before_any_heavy_work(tiny_run, tmp_path):
+    """A checkpoint whose config.json was edited (kv_lora_rank 16 -> 8) while its weights stayed: refused with one line
+    naming the weight and both shapes, before tokenising, not a size-mismatch traceback from loading."""
+    full = tiny_run / "full"
+    if not (full / "checkpoint-10").is_dir():
+        pytest.skip("needs the run of test_loss_falls_and_resume_reproduces_an_uninterrupted_run")
+    other = tmp_path / "edited"
+    shutil.copytree(full / "checkpoint-10", other / "checkpoint-10")
+    config = json.loads((other / "checkpoint-10" / "config.json").read_text())
+    assert config["kv_lora_rank"] == 16
+    (other / "checkpoint-10" / "config.json").write_text(json.dumps({**config, "kv_lora_rank": 8}))
+    r = _run(tiny_run / "recipe.yaml", "--output_dir", other, "--kv_lora_rank", 8)
+    assert r.returncode != 0 and "do not match its own config.json" in r.stderr, r.stderr[-2000:]
+    assert "kv_a_proj" in r.stderr and "Traceback" not in r.stderr and "Tokenis" not in r.stdout + r.stderr
+
+
 def test_an_upcycled_folder_from_the_upcycle_command_is_reused_and_bf16_is_refused(tiny_run, tmp_path):
     """`python -m train_mla.upcycle RECIPE --torch_dtype float32 --output RUN/upcycled` writes what stage 1 would:
     stage 1 reuses it; written in bfloat16 it is refused before any heavy work (no fp32 master weights from it)."""

@@ -15,7 +15,11 @@ from train_mla.training.recipe import RecipeError, parse_recipe
 
 DISTILL = (ModelArguments, MLAArguments, DataArguments, DistillConfig)
 DPO = (ModelArguments, PreferenceDataArguments, DPOArguments)
-RECIPES = sorted(p for p in REPO.glob("*/*.yaml") if p.parent.name not in (".ci", "tests", "eval_tasks"))
+RECIPES = sorted(
+    p
+    for p in REPO.glob("*/*.yaml")
+    if p.parent.name not in (".ci", "tests", "eval_tasks") and not p.name.startswith("default_run")
+)
 
 
 def _types(path):
@@ -379,3 +383,24 @@ def test_teacher_fp8_under_zero3_is_refused_before_any_model_loads():
         check_teacher_fp8(args, on_gpu=False, zero_stage=3)
     args.teacher_fp8 = False
     check_teacher_fp8(args, on_gpu=False, zero_stage=3)  # off: nothing to check
+
+
+@pytest.mark.parametrize("kind", ["gpu", "cpu"])
+def test_default_run_settings_and_their_overrides_parse(kind, tmp_path):
+    """run_default.sh's two settings recipes parse, and every override they add is a valid key and value of the
+    stage-1 and DPO recipes they run (QUICK=1's too), so a typo fails here and not minutes into a run."""
+    from train_mla.training.arguments import DefaultRunSettings
+
+    (s,) = parse_recipe((DefaultRunSettings,), [str(REPO / "smollm2_135M" / f"default_run_{kind}.yaml")])
+    out = ["--output_dir", str(tmp_path / "o"), "--bf16", "false"]
+    for recipe, types, extra in [
+        (s.recipe, DISTILL, s.stage1_args + s.quick_stage1_args),
+        (s.dpo_recipe, DPO, s.dpo_args + s.quick_dpo_args),
+    ]:
+        parse_recipe(types, [str(REPO / recipe), *extra, *out])
+    if s.paper_init_recipe:
+        parse_recipe(DISTILL, [str(REPO / s.paper_init_recipe), *out])
+    with pytest.raises(RecipeError, match="launcher"):
+        parse_recipe(
+            (DefaultRunSettings,), [str(REPO / "smollm2_135M" / f"default_run_{kind}.yaml"), "--launcher", "srun"]
+        )

@@ -384,3 +384,62 @@ class UpcycleOutput:
     output: str = field(
         default=None, metadata={"help": "Directory to write the MLA checkpoint to (must not exist or be empty)."}
     )
+
+
+@dataclass
+class DefaultRunSettings:
+    """What `bash run_default.sh` runs on this kind of machine (smollm2_135M/default_run_gpu.yaml,
+    default_run_cpu.yaml).
+
+    Each `*_args` list is appended to its command line; `quick_*_args` replace nothing and are appended after them when
+    QUICK=1 (the tests' shrunken run)."""
+
+    recipe: str = field(metadata={"help": "Stage-1 recipe (RECIPE=... replaces it where recipe_choice is true)."})
+    recipe_choice: bool = field(
+        default=False, metadata={"help": "Whether RECIPE=... may choose another stage-1 recipe."}
+    )
+    launcher: str = field(
+        default="python",
+        metadata={
+            "help": "accelerate: `accelerate launch --config_file deepspeed_zero3.yaml --zero_stage ZERO_STAGE "
+            "--num_processes 1`; python: one plain process."
+        },
+    )
+    stage1_args: list[str] = field(default_factory=list, metadata={"help": "Stage-1 overrides."})
+    full_data: bool = field(
+        default=False,
+        metadata={
+            "help": "Train on all ShareGPT conversations (data/sharegpt_all) + ../shared's stories and "
+            "tinyshakespeare, "
+            "evaluated on WikiText-2 test; false: the recipe's own dataset_mixer."
+        },
+    )
+    teacher_seconds: int = field(
+        default=0,
+        metadata={
+            "help": "Seconds of text the original model writes for stage 1 beside the upcycling "
+            "(TEACHER_SECONDS=N; 0: none)."
+        },
+    )
+    paper_init_recipe: str | None = field(
+        default=None,
+        metadata={"help": "Also upcycle this recipe (no training) and score its step 0 beside this repo's init."},
+    )
+    dpo_recipe: str = field(default="smollm2_135M/dpo.yaml", metadata={"help": "Stage-2 recipe."})
+    dpo_args: list[str] = field(default_factory=list, metadata={"help": "DPO overrides."})
+    eval_args: list[str] = field(default_factory=list, metadata={"help": "evaluate.py options for every model."})
+    eval_tasks: str = field(
+        default="offline",
+        metadata={
+            "help": "Tasks; `shared` is added when ../shared/data exists and QUICK is not set, if shared_tasks is true."
+        },
+    )
+    shared_tasks: bool = field(default=False, metadata={"help": "Add the shared tasks (ARC-Easy, SIQA, ...)."})
+    eval_jobs: int = field(default=1, metadata={"help": "Evaluations at once (several fit one GPU)."})
+    quick_stage1_args: list[str] = field(default_factory=list, metadata={"help": "QUICK=1: more stage-1 overrides."})
+    quick_dpo_args: list[str] = field(default_factory=list, metadata={"help": "QUICK=1: more DPO overrides."})
+    quick_eval_args: list[str] = field(default_factory=list, metadata={"help": "QUICK=1: more evaluate.py options."})
+
+    def __post_init__(self):
+        if self.launcher not in ("accelerate", "python"):
+            raise ValueError(f"launcher={self.launcher!r}: allowed values are accelerate, python")

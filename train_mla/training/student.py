@@ -51,6 +51,39 @@ def check_checkpoint_shapes(checkpoint: Path, wanted, mla_args) -> None:
         )
 
 
+def checkpoint_weights_problem(checkpoint: Path) -> str | None:
+    """The first weight whose shape differs from what the checkpoint's own config.json builds (None: all agree).
+    Read from the safetensors headers and a model built on the meta device: no weights are loaded."""
+    import json
+    import struct
+
+    import torch
+
+    from train_mla.model.configuration_llama_mla import LlamaMLAConfig
+    from train_mla.model.modeling_llama_mla import LlamaMLAForCausalLM
+
+    weights = sorted(checkpoint.glob("*.safetensors"))
+    if not (checkpoint / "config.json").is_file() or not weights:
+        return None
+    shapes = {}
+    for w in weights:
+        with open(w, "rb") as f:
+            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+        shapes.update({k: (v["shape"], w.name) for k, v in header.items() if k != "__metadata__"})
+    try:
+        config = LlamaMLAConfig.from_pretrained(checkpoint)
+    except (ValueError, OSError) as e:
+        return f"config.json: {e}"
+    if config.model_type != LlamaMLAConfig.model_type:
+        return None
+    with torch.device("meta"):
+        model = LlamaMLAForCausalLM(config)
+    for name, tensor in model.state_dict().items():
+        if name in shapes and list(shapes[name][0]) != list(tensor.shape):
+            return f"{name} is {shapes[name][0]} in {shapes[name][1]}, {list(tensor.shape)} by the config"
+    return None
+
+
 def build_student(model_args, mla_args, args, tokenizer, checkpoint=None, record=None):
     """MLA student: continued from an MLA checkpoint, or upcycled once (main process) into output_dir/upcycled. A run
     resumed from a checkpoint brought from another machine (no upcycled/ beside it) is built from the checkpoint."""
@@ -143,6 +176,11 @@ def check_before_loading(model_args, mla_args, data_args, args, checkpoint):
             raise RecipeError(f"the MLA settings do not fit {model_args.model_name_or_path}: {e}") from None
         if checkpoint:
             check_checkpoint_shapes(Path(checkpoint), wanted, mla_args)
+            if problem := checkpoint_weights_problem(Path(checkpoint)):
+                raise RecipeError(
+                    f"{checkpoint}: its weights do not match its own config.json ({problem}); the checkpoint was "
+                    "edited or put together from two runs: resume from another checkpoint, or remove this one"
+                )
         if args.export_deepseek_dir and not mla_args.use_lora_layer_norm:
             raise RecipeError(
                 "export_deepseek_dir needs use_lora_layer_norm: true (DeepSeek-V3 always normalises "
