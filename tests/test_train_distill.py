@@ -292,7 +292,10 @@ def test_a_checkpoint_whose_config_disagrees_with_its_weights_is_one_line_before
     shutil.copytree(full / "checkpoint-10", other / "checkpoint-10")
     config = json.loads((other / "checkpoint-10" / "config.json").read_text())
     assert config["kv_lora_rank"] == 16
-    (other / "checkpoint-10" / "config.json").write_text(json.dumps({**config, "kv_lora_rank": 8}))
+    ranks = {layer: {**r, "kv_lora_rank": 8} for layer, r in (config.get("layer_ranks") or {}).items()}
+    (other / "checkpoint-10" / "config.json").write_text(
+        json.dumps({**config, "kv_lora_rank": 8, "layer_ranks": ranks})
+    )
     r = _run(tiny_run / "recipe.yaml", "--output_dir", other, "--kv_lora_rank", 8)
     assert r.returncode != 0 and "do not match its own config.json" in r.stderr, r.stderr[-2000:]
     assert "kv_a_proj" in r.stderr and "Traceback" not in r.stderr and "Tokenis" not in r.stdout + r.stderr
