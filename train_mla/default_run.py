@@ -29,6 +29,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path("../shared/data")  # relative to the repository root, as the recipes name it
+SHAREGPT_ALL = (  # all 10,643 training conversations (~15 M tokens)
+    "--output_dir data/sharegpt_all --conversations 100000 --test_conversations 500 --max_chars 100000 --max_turns 100"
+).split()
 LABELS = {
     "original": "SmolLM2-135M-Instruct (GQA)",
     "upcycled": "MLA after init (step 0)",
@@ -331,6 +334,29 @@ def settings_line(gpu: bool, quick: bool, recipe: str, teacher_seconds: int) -> 
     return line + (f" teacher_seconds={teacher_seconds} recipe={recipe}" if gpu else "")
 
 
+def open_run_folder(out: Path, settings: str) -> bool:
+    """A new folder gets this run's settings line; a non-empty one must hold this script's run with the same settings
+    (True: continue it). Anything else is refused, nothing touched."""
+    continuing = out.exists() and any(out.iterdir()) if out.is_dir() else out.exists()
+    if continuing:
+        mark = out / "run_default.settings"
+        if not mark.is_file():
+            refuse(
+                f"{out} exists, is not empty and was not written by run_default.sh; give "
+                "another folder (nothing was changed)"
+            )
+        was = mark.read_text().strip()
+        if was != settings:
+            refuse(
+                f"{out} holds a run with other settings ({was} there, {settings} now); "
+                "give another folder or the same settings (nothing was changed)"
+            )
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "run_default.settings").write_text(settings + "\n")
+    return continuing
+
+
 def main(argv=None):
     import torch
 
@@ -359,23 +385,7 @@ def main(argv=None):
             refuse(f"RECIPE={recipe} is not a file (nothing was changed)")
     out = Path(argv[0] if argv else f"runs/default-{datetime.now():%Y%m%d-%H%M%S}")
     settings = settings_line(gpu, quick, recipe, int(os.environ.get("TEACHER_SECONDS", s.teacher_seconds)))
-    continuing = out.exists() and any(out.iterdir()) if out.is_dir() else out.exists()
-    if continuing:
-        mark = out / "run_default.settings"
-        if not mark.is_file():
-            refuse(
-                f"{out} exists, is not empty and was not written by run_default.sh; give "
-                "another folder (nothing was changed)"
-            )
-        was = mark.read_text().strip()
-        if was != settings:
-            refuse(
-                f"{out} holds a run with other settings ({was} there, {settings} now); "
-                "give another folder or the same settings (nothing was changed)"
-            )
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "run_default.settings").write_text(settings + "\n")
+    continuing = open_run_folder(out, settings)
     run = DefaultRun(out.resolve(), s, gpu, quick)
     signal.signal(signal.SIGTERM, run.on_signal)
     signal.signal(signal.SIGINT, run.on_signal)
@@ -389,9 +399,7 @@ def main(argv=None):
     if continuing:
         run.say(f"continuing the run in {run.out}: finished stages are kept, training resumes from its last checkpoint")
     pool = EvalPool(jobs=s.eval_jobs, progress_s=float(os.environ.get("EVAL_PROGRESS_S", 60)), say=run.say)
-    models = (
-        ["original", "upcycled", "stage1", "dpo"] if gpu else ["original", "paper_init", "upcycled", "stage1", "dpo"]
-    )
+    models = ["original", *(["paper_init"] if s.paper_init_recipe else []), "upcycled", "stage1", "dpo"]
     try:
         # 2. data: ShareGPT conversations and preference pairs, built once in the checkout
         run.say(
@@ -401,24 +409,7 @@ def main(argv=None):
         if not Path("data/sharegpt/chat_test.jsonl").is_file():
             run.run([sys.executable, "-m", "train_mla.sharegpt", "--output_dir", "data/sharegpt"], out / "data.log")
         if s.full_data and not Path("data/sharegpt_all/chat_test.jsonl").is_file():
-            run.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "train_mla.sharegpt",
-                    "--output_dir",
-                    "data/sharegpt_all",
-                    "--conversations",
-                    "100000",
-                    "--test_conversations",
-                    "500",
-                    "--max_chars",
-                    "100000",
-                    "--max_turns",
-                    "100",
-                ],
-                out / "data.log",
-            )
+            run.run([sys.executable, "-m", "train_mla.sharegpt", *SHAREGPT_ALL], out / "data.log")
         if gpu:
             run.evaluate(pool, "original")  # scored beside the upcycling and training
 
@@ -435,7 +426,7 @@ def main(argv=None):
         run.dpo()
 
         # 5. every model scored, then the summary
-        run.say(f"4/5 eval.sh: {', '.join(models)} (logs: {run.out}/eval/*/eval.log)")
+        run.say(f"4/5 evaluations: {', '.join(models)} (logs: {run.out}/eval/*/eval.log)")
         for m in models:
             run.evaluate(pool, m)
         pool.wait_all()
