@@ -8,6 +8,9 @@
 #   wiki    base + data/corpus/wikipedia_part.jsonl (python -m train_mla.corpus, docs/data.md)
 #   books   base + wikipedia + data/corpus/books_part.jsonl
 #   wsd     books' data under warmup-stable-decay (decay over the last 20 % of steps) instead of cosine
+#   warm    books' data from a longer layer-wise warm start on the new text: the upcycling's refinement fits every
+#           MLA layer to the source attention on 128 Wikipedia blocks for 2,400 steps (the recipe: 32 ShareGPT
+#           blocks, 600 steps); WARM_ARGS replaces those settings
 # Every arm trains in one process (python train_mla/train_distill.py); arms run one after another, each arm's
 # evaluation runs beside the next arm's training. Needs ../shared/data, data/sharegpt, data/sharegpt_all, data/corpus.
 # TRAIN_ARGS (recipe overrides for the upcycle and every arm) and EVAL_ARGS (eval.sh options) shrink it for a CPU check.
@@ -18,13 +21,9 @@ RECIPE=smollm2_135M/mla_kv_rank_80_rope_16.yaml
 SH=../shared/data
 BASE="data/sharegpt_all/chat_train.jsonl: 1.0, $SH/tinystories/tinystories_train_head.txt: 1.0, $SH/tinyshakespeare/input.txt: 1.0, $SH/wikitext-2/wiki.test.raw: 1.0"
 WIKI="data/corpus/wikipedia_part.jsonl: 1.0"; BOOKS="data/corpus/books_part.jsonl: 1.0"
+WARM_DEFAULT="--calibration_dataset data/corpus/wikipedia_part.jsonl --calibration_samples 128 --refine_steps 2400"
 stamp() { echo "[ablation $(date +%T)] $*"; }
 mkdir -p "$OUT/eval"
-if [ ! -d "$OUT/upcycled" ]; then
-  stamp "upcycle $RECIPE (log: $OUT/upcycle.log)"
-  python -m train_mla.upcycle $RECIPE ${TRAIN_ARGS:-} --torch_dtype float32 --output "$OUT/upcycled.tmp" > "$OUT/upcycle.log" 2>&1
-  mv "$OUT/upcycled.tmp" "$OUT/upcycled"
-fi
 evals=()
 for arm in "$@"; do
   extra=()
@@ -34,15 +33,31 @@ for arm in "$@"; do
     books) mix="$BASE, $WIKI, $BOOKS" ;;
     wsd) mix="$BASE, $WIKI, $BOOKS"
          extra=(--lr_scheduler_type warmup_stable_decay --lr_scheduler_kwargs "{\"num_decay_steps\": $((STEPS / 5))}") ;;
+    warm) mix="$BASE, $WIKI, $BOOKS"; extra=(${WARM_ARGS:-$WARM_DEFAULT}) ;;  # stage 1 checks the upcycled record
     *) echo "unknown arm $arm" >&2; exit 2 ;;
   esac
+  upcycled="$OUT/upcycled"  # one upcycled model for every arm but warm, made once
+  if [ "$arm" != warm ] && [ ! -d "$upcycled" ]; then
+    stamp "upcycle $RECIPE (log: $OUT/upcycle.log)"
+    python -m train_mla.upcycle $RECIPE ${TRAIN_ARGS:-} --torch_dtype float32 --output "$OUT/upcycled.tmp" > "$OUT/upcycle.log" 2>&1
+    mv "$OUT/upcycled.tmp" "$upcycled"
+  fi
+  if [ "$arm" = warm ]; then
+    upcycled="$OUT/upcycled_warm"
+    if [ ! -d "$upcycled" ]; then
+      stamp "arm warm: upcycle with ${WARM_ARGS:-$WARM_DEFAULT} (log: $OUT/upcycle_warm.log)"
+      python -m train_mla.upcycle $RECIPE ${TRAIN_ARGS:-} ${WARM_ARGS:-$WARM_DEFAULT} --torch_dtype float32 \
+        --output "$OUT/upcycled_warm.tmp" > "$OUT/upcycle_warm.log" 2>&1
+      mv "$OUT/upcycled_warm.tmp" "$upcycled"
+    fi
+  fi
   if [ ! -f "$OUT/$arm/config.json" ]; then
-    mkdir -p "$OUT/$arm"; [ -d "$OUT/$arm/upcycled" ] || cp -r "$OUT/upcycled" "$OUT/$arm/upcycled"
+    mkdir -p "$OUT/$arm"; [ -d "$OUT/$arm/upcycled" ] || cp -r "$upcycled" "$OUT/$arm/upcycled"
     stamp "arm $arm: $STEPS steps x 65,536 tokens on {$mix} ${extra[*]} (log: $OUT/$arm.log)"
     t0=$(date +%s)
     python train_mla/train_distill.py $RECIPE --output_dir "$OUT/$arm" --max_steps "$STEPS" \
       --eval_steps $((STEPS / 4)) --save_steps 100000 --dataset_mixer "{$mix}" \
-      --processed_cache_dir "$OUT/cache" --preprocessing_num_workers 12 "${extra[@]}" ${TRAIN_ARGS:-} > "$OUT/$arm.log" 2>&1
+      --processed_cache_dir "$OUT/cache" --preprocessing_num_workers 12 ${TRAIN_ARGS:-} "${extra[@]}" > "$OUT/$arm.log" 2>&1
     stamp "arm $arm: stage 1 done in $(( $(date +%s) - t0 )) s"
     rm -rf "$OUT/$arm/upcycled"
   fi
