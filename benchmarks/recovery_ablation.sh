@@ -23,6 +23,13 @@ BASE="data/sharegpt_all/chat_train.jsonl: 1.0, $SH/tinystories/tinystories_train
 WIKI="data/corpus/wikipedia_part.jsonl: 1.0"; BOOKS="data/corpus/books_part.jsonl: 1.0"
 WARM_DEFAULT="--calibration_dataset data/corpus/wikipedia_part.jsonl --calibration_samples 128 --refine_steps 2400"
 stamp() { echo "[ablation $(date +%T)] $*"; }
+upcycle() {  # DIR [recipe overrides]: the float32 upcycled model stage 1 reuses, written whole, once
+  local dir=$1; shift
+  [ -d "$dir" ] && return
+  stamp "upcycle $RECIPE $* (log: $dir.log)"
+  python -m train_mla.upcycle $RECIPE ${TRAIN_ARGS:-} "$@" --torch_dtype float32 --output "$dir.tmp" > "$dir.log" 2>&1
+  mv "$dir.tmp" "$dir"
+}
 mkdir -p "$OUT/eval"
 evals=()
 for arm in "$@"; do
@@ -36,21 +43,8 @@ for arm in "$@"; do
     warm) mix="$BASE, $WIKI, $BOOKS"; extra=(${WARM_ARGS:-$WARM_DEFAULT}) ;;  # stage 1 checks the upcycled record
     *) echo "unknown arm $arm" >&2; exit 2 ;;
   esac
-  upcycled="$OUT/upcycled"  # one upcycled model for every arm but warm, made once
-  if [ "$arm" != warm ] && [ ! -d "$upcycled" ]; then
-    stamp "upcycle $RECIPE (log: $OUT/upcycle.log)"
-    python -m train_mla.upcycle $RECIPE ${TRAIN_ARGS:-} --torch_dtype float32 --output "$OUT/upcycled.tmp" > "$OUT/upcycle.log" 2>&1
-    mv "$OUT/upcycled.tmp" "$upcycled"
-  fi
-  if [ "$arm" = warm ]; then
-    upcycled="$OUT/upcycled_warm"
-    if [ ! -d "$upcycled" ]; then
-      stamp "arm warm: upcycle with ${WARM_ARGS:-$WARM_DEFAULT} (log: $OUT/upcycle_warm.log)"
-      python -m train_mla.upcycle $RECIPE ${TRAIN_ARGS:-} ${WARM_ARGS:-$WARM_DEFAULT} --torch_dtype float32 \
-        --output "$OUT/upcycled_warm.tmp" > "$OUT/upcycle_warm.log" 2>&1
-      mv "$OUT/upcycled_warm.tmp" "$upcycled"
-    fi
-  fi
+  if [ "$arm" = warm ]; then upcycled="$OUT/upcycled_warm"; upcycle "$upcycled" ${WARM_ARGS:-$WARM_DEFAULT}
+  else upcycled="$OUT/upcycled"; upcycle "$upcycled"; fi  # one upcycled model for every other arm, made once
   if [ ! -f "$OUT/$arm/config.json" ]; then
     mkdir -p "$OUT/$arm"; [ -d "$OUT/$arm/upcycled" ] || cp -r "$upcycled" "$OUT/$arm/upcycled"
     stamp "arm $arm: $STEPS steps x 65,536 tokens on {$mix} ${extra[*]} (log: $OUT/$arm.log)"

@@ -20,6 +20,7 @@ checkpoint. A folder another command wrote, or a run with other settings, is ref
 """
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path("../shared/data")  # relative to the repository root, as the recipes name it
+SHARED_TEXT = [f"{SHARED}/tinystories/tinystories_train_head.txt", f"{SHARED}/tinyshakespeare/input.txt"]
 SHAREGPT_ALL = (  # all 10,643 training conversations (~15 M tokens)
     "--output_dir data/sharegpt_all --conversations 100000 --test_conversations 500 --max_chars 100000 --max_turns 100"
 ).split()
@@ -82,13 +84,16 @@ class DefaultRun:
         if code != 0:
             self.failed_stage(log)
 
-    def failed_stage(self, log: Path):
+    def check_stopped(self) -> None:
         if self.stopping:
             raise Stop(
                 f"[run_default] stopped by a signal: run `bash run_default.sh {self.out}` again to continue "
                 "from the last checkpoint",
                 143,
             )
+
+    def failed_stage(self, log: Path):
+        self.check_stopped()
         tail = log.read_text(errors="replace").splitlines()[-20:] if log.is_file() else []
         raise Stop("\n".join(tail), 1)
 
@@ -122,11 +127,7 @@ class DefaultRun:
         if self.s.full_data:  # all ShareGPT conversations, the teacher's text, the stories; evaluated on WikiText-2
             mix = ["data/sharegpt_all/chat_train.jsonl"] + ([str(teacher_text)] if teacher_text else [])
             if (REPO / SHARED).is_dir():
-                mix += [
-                    f"{SHARED}/tinystories/tinystories_train_head.txt",
-                    f"{SHARED}/tinyshakespeare/input.txt",
-                    f"{SHARED}/wikitext-2/wiki.test.raw",
-                ]
+                mix += [*SHARED_TEXT, f"{SHARED}/wikitext-2/wiki.test.raw"]
             else:
                 mix += ["data/sharegpt_all/chat_test.jsonl"]
             args += ["--dataset_mixer", "{" + ", ".join(f"{m}: 1.0" for m in mix) + "}"]
@@ -135,12 +136,7 @@ class DefaultRun:
     def teacher_prefixes(self) -> list[str]:
         prefixes = ["data/sharegpt_all/chat_train.jsonl"]
         if (REPO / SHARED).is_dir():
-            prefixes += [
-                f"{SHARED}/tinystories/tinystories_train_head.txt",
-                f"{SHARED}/tinyshakespeare/input.txt",
-                f"{SHARED}/wikitext-2/wiki.valid.tokens",
-                f"{SHARED}/ptb/ptb.valid.txt",
-            ]
+            prefixes += [*SHARED_TEXT, f"{SHARED}/wikitext-2/wiki.valid.tokens", f"{SHARED}/ptb/ptb.valid.txt"]
         return prefixes
 
     def stage1(self, recipe: str) -> None:
@@ -199,10 +195,7 @@ class DefaultRun:
         else:  # the folder stage 1 would write itself (reused when made from the same settings), written whole
             self.say(f"upcycle (log: {self.out / 'upcycle.log'})")
             tmp = upcycled.with_name("upcycled.tmp")
-            if tmp.exists():
-                import shutil
-
-                shutil.rmtree(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
             tmp.parent.mkdir(parents=True, exist_ok=True)
             cmd = [
                 sys.executable,
@@ -233,10 +226,7 @@ class DefaultRun:
             f"2/5 step 0 of the paper's init for comparison ({self.s.paper_init_recipe}, "
             f"log: {self.out / 'paper_init.log'})"
         )
-        if out.exists():  # a half-written one from an earlier try
-            import shutil
-
-            shutil.rmtree(out)
+        shutil.rmtree(out, ignore_errors=True)  # a half-written one from an earlier try
         cmd = [sys.executable, "-m", "train_mla.upcycle", self.s.paper_init_recipe, "--output", str(out)]
         self.run(cmd, self.out / "paper_init.log")
 
@@ -430,8 +420,7 @@ def main(argv=None):
         for m in models:
             run.evaluate(pool, m)
         pool.wait_all()
-        if run.stopping:
-            run.failed_stage(Path("/dev/null"))
+        run.check_stopped()
     except Stop as e:
         for job in pool.running:  # evaluations of a stopped or failed run are not awaited
             job.process.terminate()

@@ -1,6 +1,6 @@
 """One table (and a plot) across evaluated checkpoints: task scores, their average, KV bytes per token, compression.
 
-    python -m train_mla.summarize CKPT_OR_RESULTS [...] [--labels a,b,...] [--output docs/summary]
+    python -m train_mla.summarize CKPT_OR_RESULTS [...] [--labels a,b,...] [--output runs/summary]
 
 Each argument is a checkpoint directory (its eval/results.json is read) or a results.json file; the rows are
 assumed to share one GQA source (rows without a kv_cache record are that source). Accuracy-type

@@ -1,7 +1,7 @@
 """Quality against training tokens, from a stage-1 run's own evaluations (eval_ppl and eval_kl in its log history).
 
     python -m train_mla.training_curve RUN [RUN ...] [--tokens_per_step N] [--reference_ppl P]
-                                       [--labels A,B] [--output docs/curve]
+                                       [--labels A,B] [--output runs/curve]
 
 RUN is a stage-1 output folder (its trainer_state.json, or the newest checkpoint-N/trainer_state.json of a run that
 has not finished) or a trainer_state.json; several runs (an ablation) share one table and one plot, a colour each.

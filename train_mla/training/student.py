@@ -54,10 +54,8 @@ def check_checkpoint_shapes(checkpoint: Path, wanted, mla_args) -> None:
 def checkpoint_weights_problem(checkpoint: Path) -> str | None:
     """The first weight whose shape differs from what the checkpoint's own config.json builds (None: all agree).
     Read from the safetensors headers and a model built on the meta device: no weights are loaded."""
-    import json
-    import struct
-
     import torch
+    from safetensors import safe_open
 
     from train_mla.model.configuration_llama_mla import LlamaMLAConfig
     from train_mla.model.modeling_llama_mla import LlamaMLAForCausalLM
@@ -65,11 +63,10 @@ def checkpoint_weights_problem(checkpoint: Path) -> str | None:
     weights = sorted(checkpoint.glob("*.safetensors"))
     if not (checkpoint / "config.json").is_file() or not weights:
         return None
-    shapes = {}
+    shapes = {}  # name -> (shape, file), from the headers only
     for w in weights:
-        with open(w, "rb") as f:
-            header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
-        shapes.update({k: (v["shape"], w.name) for k, v in header.items() if k != "__metadata__"})
+        with safe_open(w, framework="pt") as f:
+            shapes.update({k: (f.get_slice(k).get_shape(), w.name) for k in f.keys()})
     try:
         config = LlamaMLAConfig.from_pretrained(checkpoint)
     except (ValueError, OSError) as e:
