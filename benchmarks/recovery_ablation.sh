@@ -8,6 +8,7 @@
 #   wiki    base + data/corpus/wikipedia_part.jsonl (python -m train_mla.corpus, docs/data.md)
 #   books   base + wikipedia + data/corpus/books_part.jsonl
 #   wsd     books' data under warmup-stable-decay (decay over the last 20 % of steps) instead of cosine
+#   peak    books' data at a higher peak learning rate: PEAK_LR (default 1e-3; the recipe's is 3e-4)
 #   warm    books' data from a longer layer-wise warm start on the new text: the upcycling's refinement fits every
 #           MLA layer to the source attention on 128 Wikipedia blocks for 2,400 steps (the recipe: 32 ShareGPT
 #           blocks, 600 steps); WARM_ARGS replaces those settings
@@ -40,6 +41,7 @@ for arm in "$@"; do
     books) mix="$BASE, $WIKI, $BOOKS" ;;
     wsd) mix="$BASE, $WIKI, $BOOKS"
          extra=(--lr_scheduler_type warmup_stable_decay --lr_scheduler_kwargs "{\"num_decay_steps\": $((STEPS / 5))}") ;;
+    peak) mix="$BASE, $WIKI, $BOOKS"; extra=(--learning_rate "${PEAK_LR:-1e-3}") ;;
     warm) mix="$BASE, $WIKI, $BOOKS"; extra=(${WARM_ARGS:-$WARM_DEFAULT}) ;;  # stage 1 checks the upcycled record
     *) echo "unknown arm $arm" >&2; exit 2 ;;
   esac
