@@ -184,15 +184,22 @@ class MLAArguments:
         return None
 
 
+def is_row_count(share) -> bool:
+    """A dataset_mixer value above 1 is a number of rows (a whole number); one up to 1 is a fraction."""
+    return not isinstance(share, bool) and isinstance(share, int | float) and share > 1 and float(share).is_integer()
+
+
 @dataclass
 class MixtureArguments:
     """What both stages' data sections share: a mixture of hub datasets and local files."""
 
     dataset_mixer: dict = field(
         metadata={
-            "help": "{source: fraction}: hub ids, local .json/.jsonl/.parquet/.csv/.txt "
-            "files or directories, each with the share of its training rows to use. A local "
-            "file whose name contains 'test' or 'valid' is evaluation data."
+            "help": "{source: share}: local .json/.jsonl/.parquet/.csv/.txt files or directories, or hub ids "
+            "(owner/name, or owner/name:config), each with the share of its training rows to use: a fraction in "
+            "(0, 1] (of a random permutation), or a whole number > 1 of rows (the first that many, in the "
+            "source's order; a hub dataset is then streamed, never downloaded whole). A local file whose name "
+            "contains 'test' or 'valid' is evaluation data."
         }
     )
     dataset_splits: list[str] = field(
@@ -212,10 +219,13 @@ class MixtureArguments:
 
     def __post_init__(self):
         if not self.dataset_mixer:
-            raise ValueError("dataset_mixer is empty: give at least one {source: fraction}")
-        for name, frac in self.dataset_mixer.items():
-            if not isinstance(frac, (int, float)) or isinstance(frac, bool) or not 0 < frac <= 1:
-                raise ValueError(f"dataset_mixer[{name!r}]={frac!r}: fractions must be numbers in (0, 1]")
+            raise ValueError("dataset_mixer is empty: give at least one {source: share}")
+        for name, share in self.dataset_mixer.items():
+            fraction = isinstance(share, int | float) and not isinstance(share, bool) and 0 < share <= 1
+            if not fraction and not is_row_count(share):
+                raise ValueError(
+                    f"dataset_mixer[{name!r}]={share!r}: a share is a fraction in (0, 1] or a whole number of rows > 1"
+                )
         if not 0 <= self.test_split_size < 1:
             raise ValueError(f"test_split_size={self.test_split_size}: must be in [0, 1)")
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from train_mla.model.loading import ModelNotFoundError, _check_hub_reachable
+from train_mla.training.arguments import is_row_count
 
 FILE_BUILDERS = {
     ".json": "json",
@@ -27,8 +28,10 @@ FILE_BUILDERS = {
 }  # .raw, .tokens: WikiText-2 files
 
 
-def load_source(source: str, splits: list[str]) -> dict:
-    """{split name: Dataset} for one mixer entry (hub id, local file or directory)."""
+def load_source(source: str, splits: list[str], rows: int | None = None) -> dict:
+    """{split name: Dataset} for one mixer entry: a local file or directory, or a hub id (`owner/name`, or
+    `owner/name:config` for a dataset with configurations). With `rows`, a hub dataset is streamed and only the first
+    `rows` rows of its train split are read (a large corpus is never downloaded whole)."""
     from datasets import load_dataset, load_from_disk
 
     path = Path(source).expanduser()
@@ -63,19 +66,36 @@ def load_source(source: str, splits: list[str]) -> dict:
             f"dataset {source!r} does not exist; build it with "
             f"`python -m train_mla.sharegpt --output_dir {Path(source).parent}`"
         )
-    if source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise FileNotFoundError(f"dataset {source!r} is neither an existing local path nor a hub id (owner/name)")
-    _check_hub_reachable_dataset(source)
+    name, _, config = source.partition(":")
+    if source.startswith((".", "/", "~")) or name.count("/") != 1 or source.endswith(":"):
+        raise FileNotFoundError(
+            f"dataset {source!r} is neither an existing local path nor a hub id (owner/name or owner/name:config)"
+        )
+    _check_hub_reachable_dataset(name)
+    if rows is not None:
+        return {"train": first_rows(load_dataset(name, config or None, split="train", streaming=True), rows, source)}
     out = {}
     for split in splits:
         try:
-            out[split] = load_dataset(source, split=split)
+            out[split] = load_dataset(name, config or None, split=split)
         except ValueError as e:  # unknown split
             if "split" not in str(e).lower():
                 raise
     if not out:
         raise ValueError(f"dataset {source!r} has none of the splits {splits}")
     return out
+
+
+def first_rows(stream, rows: int, source: str):
+    """The first `rows` rows of a streamed dataset as a Dataset; reading stops there."""
+    from itertools import islice
+
+    from datasets import Dataset
+
+    got = list(islice(stream, rows))
+    if len(got) < rows:
+        raise ValueError(f"dataset_mixer[{source!r}] asks for {rows} rows; its train split has {len(got)}")
+    return Dataset.from_list(got)
 
 
 def _check_hub_reachable_dataset(repo_id: str) -> None:
@@ -115,13 +135,16 @@ def first_bad_row(ds, columns) -> int | None:
 
 
 def mix_datasets(mixer: dict, splits: list[str], test_split_size: float = 0.0, seed: int = 42, columns=None):
-    """DatasetDict(train=..., test=...): each source's train rows subsampled by its fraction, then shuffled. Every
-    row is checked first: an empty source, or the first row without the fields it needs, is an error naming both."""
+    """DatasetDict(train=..., test=...): each source's train rows subsampled by its share (a fraction in (0, 1]: that
+    share of a random permutation; a whole number > 1: the first that many rows, in the source's own order), then
+    shuffled. Every row is checked first: an empty source, or the first row without the fields it needs, is an error
+    naming both."""
     from datasets import DatasetDict, concatenate_datasets
 
     train, test = [], []
-    for source, frac in mixer.items():
-        for split, ds in load_source(source, splits).items():
+    for source, share in mixer.items():
+        rows = int(share) if is_row_count(share) else None
+        for split, ds in load_source(source, splits, rows).items():
             if columns is not None:
                 keep = [c for c in ds.column_names if c in columns]
                 if not keep:
@@ -140,9 +163,13 @@ def mix_datasets(mixer: dict, splits: list[str], test_split_size: float = 0.0, s
                     )
             if "test" in split or "valid" in split:
                 test.append(ds)
+            elif "train" in split and rows is not None:
+                if len(ds) < rows:
+                    raise ValueError(f"dataset_mixer[{source!r}] asks for {rows} rows; split {split!r} has {len(ds)}")
+                train.append(ds.select(range(rows)).shuffle(seed=seed))
             elif "train" in split:
                 ds = ds.shuffle(seed=seed)
-                train.append(ds.select(range(max(1, int(frac * len(ds))))))
+                train.append(ds.select(range(max(1, int(share * len(ds))))))
     if not train:
         raise ValueError(f"dataset_mixer {list(mixer)} gave no training split (looked for names containing 'train')")
     out = DatasetDict(train=concatenate_datasets(train).shuffle(seed=seed))
