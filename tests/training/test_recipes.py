@@ -75,7 +75,7 @@ def test_cli_overrides_win_and_values_are_checked():
     with pytest.raises(RecipeError, match="rope_init"):
         parse_recipe(DISTILL, [str(path), "--rope_init", "magic", "--bf16", "false"])
     with pytest.raises(RecipeError, match="dataset_mixer"):
-        parse_recipe(DISTILL, [str(path), "--dataset_mixer", "{a: 2.0}", "--bf16", "false"])
+        parse_recipe(DISTILL, [str(path), "--dataset_mixer", "{a: 2.5}", "--bf16", "false"])
     with pytest.raises(RecipeError, match="does not exist"):
         parse_recipe(DISTILL, ["no/such/recipe.yaml"])
 
