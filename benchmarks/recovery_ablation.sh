@@ -5,8 +5,8 @@
 #   bash benchmarks/recovery_ablation.sh OUT STEPS ARM [ARM ...]
 # Arms (the data of each, all with ShareGPT + TinyStories + tinyshakespeare, the run_default.sh mix without teacher text):
 #   base    ShareGPT (all 10,643 conversations, data/sharegpt_all) + TinyStories + tinyshakespeare
-#   wiki    base + data/corpus/wikipedia_part.jsonl (python -m train_mla.corpus, docs/data.md)
-#   books   base + wikipedia + data/corpus/books_part.jsonl
+#   wiki    base + the first 13,400 rows of data/corpus/wikipedia.jsonl (python -m train_mla.corpus, docs/data.md)
+#   books   base + wikipedia + the first 3,847 rows of data/corpus/books.jsonl (15 M tokens each)
 #   wsd     books' data under warmup-stable-decay (decay over the last 20 % of steps) instead of cosine
 #   peak    books' data at a higher peak learning rate: PEAK_LR (default 1e-3; the recipe's is 3e-4)
 #   warm    books' data from a longer layer-wise warm start on the new text: the upcycling's refinement fits every
@@ -21,8 +21,8 @@ OUT=$1; STEPS=$2; shift 2
 RECIPE=smollm2_135M/mla_kv_rank_80_rope_16.yaml
 SH=../shared/data
 BASE="data/sharegpt_all/chat_train.jsonl: 1.0, $SH/tinystories/tinystories_train_head.txt: 1.0, $SH/tinyshakespeare/input.txt: 1.0, $SH/wikitext-2/wiki.test.raw: 1.0"
-WIKI="data/corpus/wikipedia_part.jsonl: 1.0"; BOOKS="data/corpus/books_part.jsonl: 1.0"
-WARM_DEFAULT="--calibration_dataset data/corpus/wikipedia_part.jsonl --calibration_samples 128 --refine_steps 2400"
+WIKI="data/corpus/wikipedia.jsonl: 13400"; BOOKS="data/corpus/books.jsonl: 3847"
+WARM_DEFAULT="--calibration_dataset data/corpus/wikipedia.jsonl --calibration_samples 128 --refine_steps 2400"
 stamp() { echo "[ablation $(date +%T)] $*"; }
 upcycle() {  # DIR [recipe overrides]: the float32 upcycled model stage 1 reuses, written whole, once
   local dir=$1; shift
