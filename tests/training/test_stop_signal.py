@@ -22,9 +22,13 @@ def test_a_signal_asks_for_one_checkpoint_and_a_stop(tmp_path):
         assert not control.should_save and not control.should_training_stop and stop.exit_code() is None
         os.kill(os.getpid(), signal.SIGUSR1)
         os.kill(os.getpid(), signal.SIGUSR1)  # a second one (a forwarding launcher) changes nothing
+        control.should_evaluate = True  # an evaluation due at this step (eval_steps) is skipped: time is short
         stop.on_step_end(args, TrainerState(global_step=4), control)
-        assert control.should_save and control.should_training_stop
+        assert control.should_save and control.should_training_stop and not control.should_evaluate
         assert stop.stopped_at == 4 and stop.exit_code() == 128 + signal.SIGUSR1
+        planned, control = StopOnSignal(signals=(), stop_at_step=4), TrainerControl(should_evaluate=True)
+        planned.on_step_end(args, TrainerState(global_step=4), control)  # a planned stop keeps its curve point
+        assert control.should_save and control.should_training_stop and control.should_evaluate
     finally:
         signal.signal(signal.SIGUSR1, old)
 

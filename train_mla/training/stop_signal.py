@@ -1,6 +1,7 @@
 """A clean stop on SIGTERM or SIGINT (a scheduler's time limit, a preemption, `kill`, Ctrl-C), for both training
-scripts: the step in progress finishes, a checkpoint of it is saved, and the script exits with 128 + the signal's
-number (143 for SIGTERM, 130 for SIGINT) without writing a final model. Running the same command again resumes from
+scripts: the step in progress finishes, a checkpoint of it is saved (an evaluation due at that step is skipped; one
+already running finishes first), and the script exits with 128 + the signal's number (143 for SIGTERM, 130 for SIGINT)
+without writing a final model. Running the same command again resumes from
 that checkpoint, so nothing trained is lost.
 
 A planned stop works the same way: `StopOnSignal(stop_at_step=N)` saves checkpoint-N and stops there (the recipe key
@@ -57,6 +58,8 @@ class StopOnSignal(TrainerCallback):
             self.stopped_at = state.global_step
             control.should_save = True
             control.should_training_stop = True
+            if not planned:  # a signal leaves little time (a grace period): the checkpoint, not an evaluation
+                control.should_evaluate = False
 
     def exit_code(self) -> int | None:
         """128 + signal number once training was stopped by a signal (the caller exits with it), else None."""
