@@ -56,7 +56,7 @@ def test_a_hub_dataset_with_a_config_and_a_row_count_is_streamed_and_read_no_fur
     out = mix_datasets({"owner/web-corpus:sample-10BT": 30}, ["train", "test"], columns=("messages", "text"))
     assert calls == [("checked", "owner/web-corpus"), ("owner/web-corpus", "sample-10BT", "train", True)]
     assert len(read) == 30 and len(out["train"]) == 30 and out["train"].column_names == ["text"]
-    with pytest.raises(ValueError, match=r"asks for 5000 rows; its train split has 1000"):
+    with pytest.raises(ValueError, match=r"asks for 5000 rows; split 'train' has 1000"):
         mix_datasets({"owner/web-corpus": 5000}, ["train"])
     with pytest.raises(FileNotFoundError, match="owner/name:config"):
         mix_datasets({"owner/web-corpus:": 10}, ["train"])

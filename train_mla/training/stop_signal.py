@@ -1,8 +1,8 @@
 """A clean stop on SIGTERM or SIGINT (a scheduler's time limit, a preemption, `kill`, Ctrl-C), for both training
 scripts: the step in progress finishes, a checkpoint of it is saved (an evaluation due at that step is skipped; one
 already running finishes first), and the script exits with 128 + the signal's number (143 for SIGTERM, 130 for SIGINT)
-without writing a final model. Running the same command again resumes from
-that checkpoint, so nothing trained is lost.
+without writing a final model. Running the same command again resumes from that checkpoint, so nothing trained is
+lost.
 
 A planned stop works the same way: `StopOnSignal(stop_at_step=N)` saves checkpoint-N and stops there (the recipe key
 `stop_at_step`, one allocation of a run longer than a machine is held); the script then exits 0.
