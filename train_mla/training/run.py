@@ -129,3 +129,7 @@ def train_and_finish(trainer, checkpoint, label: str, source_dir, what: str, sto
     result = trainer.train(resume_from_checkpoint=checkpoint)
     stop.exit_if_stopped(trainer)
     finish_run(trainer, result, source_dir, what)
+    # Every rank waits for rank 0's model card and export, then the process group is torn down before the interpreter
+    # exits: a rank leaving with the group alive can abort in the backend's destructor after its work is done.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
