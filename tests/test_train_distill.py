@@ -2,9 +2,12 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -268,6 +271,9 @@ def test_a_bf16_recipe_on_several_cpu_processes_is_one_line(tiny_run, tmp_path):
     ours = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(ours) == 1 and "2 processes were launched on a machine without a GPU" in ours[0], r.stderr[-3000:]
     assert "python train_mla/train_distill.py RECIPE" in ours[0]
+    # the other process left first, with exit 0: the launcher's summary lists the main process's failure alone
+    assert not re.search(r"rank\s*:\s*1\b", r.stderr), r.stderr[-3000:]
+    assert not list(Path(tempfile.gettempdir()).glob("train_mla-failed-start-29507-*"))
 
 
 def test_a_checkpoint_of_another_recipe_is_refused_before_any_heavy_work(tiny_run, tmp_path):

@@ -30,8 +30,8 @@ def start_run(types_, argv, description: str):
         checkpoint = resume_point(parsed[-1])
     except RecipeError as e:
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1 and int(os.environ.get("RANK", "0")) != 0:
-            raise SystemExit(2) from None  # every process finds the same error: the first one says it, once
+        if world > 1:
+            leave_with_the_main_process(world, int(os.environ.get("RANK", "0")))
         hint = ""
         if world > 1 and not gpu:
             hint = (
@@ -68,6 +68,38 @@ def start_run(types_, argv, description: str):
         logging.getLogger("train_mla").info(note)
     check_teacher_fp8(args, gpu and not args.use_cpu, int(zero_stage) if zero_stage else None)
     return (*parsed, checkpoint)
+
+
+def leave_with_the_main_process(world: int, rank: int, timeout: float = 20.0) -> None:
+    """A recipe error that every process of a launch finds: the main process says it once and fails the launch. On one
+    machine the others leave first, with exit 0, once the main process has found the same error (a marker file), and
+    the main process exits after them: the launcher then lists one failure instead of a traceback summary per process,
+    and kills none still on its way to the check. Returns on the main process; the others exit here (2 when the main
+    process did not find the error, or the launch spans machines)."""
+    import os
+    import tempfile
+    import time
+
+    same_machine = int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world
+    meet = Path(tempfile.gettempdir(), f"train_mla-failed-start-{os.environ.get('MASTER_PORT', '')}-{os.getppid()}")
+    deadline = time.monotonic() + timeout
+    if rank != 0:
+        while same_machine and not (meet / "main").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not (same_machine and (meet / "main").exists()):
+            raise SystemExit(2)
+        (meet / str(rank)).touch()
+        raise SystemExit(0)
+    if not same_machine:
+        return
+    meet.mkdir(exist_ok=True)
+    (meet / "main").touch()
+    while len(list(meet.iterdir())) < world and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # the others exit right after their file: let the launcher see them go first
+    for f in meet.iterdir():
+        f.unlink()
+    meet.rmdir()
 
 
 def finish_run(trainer, result, source_dir: str | Path, what: str) -> None:
