@@ -243,7 +243,8 @@ def test_a_leftover_upcycled_model_is_reused_only_for_the_same_settings(tiny_run
     assert json.loads((other / "config.json").read_text())["kv_lora_rank"] == 16
 
 
-def test_a_bf16_recipe_on_several_cpu_processes_is_one_line(tiny_run, tmp_path):
+@pytest.mark.parametrize("case", ["bf16_without_gpu", "hub_model_offline"])
+def test_an_error_every_process_finds_is_one_line(tiny_run, tmp_path, case):
     launcher = [
         sys.executable,
         "-m",
@@ -257,20 +258,15 @@ def test_a_bf16_recipe_on_several_cpu_processes_is_one_line(tiny_run, tmp_path):
         "--main_process_port",
         "29507",
     ]
-    r = _run(
-        tiny_run / "recipe.yaml",
-        "--output_dir",
-        tmp_path / "o",
-        "--bf16",
-        "true",
-        "--use_cpu",
-        "false",
-        launcher=launcher,
-    )
+    overrides = ["--bf16", "true", "--use_cpu", "false"]  # a recipe error, in the recipe's parsing
+    expected = ["2 processes were launched on a machine without a GPU", "python train_mla/train_distill.py RECIPE"]
+    if case == "hub_model_offline":  # a model that cannot be found, in the checks before loading
+        overrides = ["--bf16", "false", "--model_name_or_path", "nobody/no-such-model"]
+        expected = ["'nobody/no-such-model' is a hub id"]
+    r = _run(tiny_run / "recipe.yaml", "--output_dir", tmp_path / "o", *overrides, launcher=launcher)
     assert r.returncode != 0
-    ours = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(ours) == 1 and "2 processes were launched on a machine without a GPU" in ours[0], r.stderr[-3000:]
-    assert "python train_mla/train_distill.py RECIPE" in ours[0]
+    ours = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and all(e in ours[0] for e in expected), r.stderr[-3000:]
     # the other process left first, with exit 0: the launcher's summary lists the main process's failure alone
     assert not re.search(r"rank\s*:\s*1\b", r.stderr), r.stderr[-3000:]
     assert not list(Path(tempfile.gettempdir()).glob("train_mla-failed-start-29507-*"))

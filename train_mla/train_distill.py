@@ -18,7 +18,7 @@ if __package__ in (None, ""):  # run as a file (accelerate launch train_mla/trai
 
 from train_mla.training.arguments import DISTILL_RECIPE
 from train_mla.training.recipe import RecipeError
-from train_mla.training.run import start_run, train_and_finish
+from train_mla.training.run import fail_start, start_run, train_and_finish
 
 logger = logging.getLogger("train_mla")
 
@@ -41,7 +41,7 @@ def main(argv=None):
     try:
         tokenizer, teacher_name, record = check_before_loading(model_args, mla_args, data_args, args, checkpoint)
     except (RecipeError, ModelNotFoundError) as e:
-        raise SystemExit(f"error: {e}") from None
+        fail_start(e)
 
     # 3. the data: tokenised and packed once (main process first), cached
     with args.main_process_first(desc="tokenise"):

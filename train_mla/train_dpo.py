@@ -15,7 +15,7 @@ if __package__ in (None, ""):  # run as a file (accelerate launch train_mla/trai
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from train_mla.training.arguments import DPO_RECIPE
-from train_mla.training.run import start_run, train_and_finish
+from train_mla.training.run import fail_start, start_run, train_and_finish
 
 logger = logging.getLogger("train_mla")
 
@@ -33,7 +33,7 @@ def main(argv=None):
     try:
         tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.model_revision, data_args.chat_template)
     except ModelNotFoundError as e:
-        raise SystemExit(f"error: {e}") from None
+        fail_start(e)
     with args.main_process_first(desc="load preference data"):
         try:
             data = mix_datasets(

@@ -3,6 +3,7 @@ fit the recipe to the machine; then train, save the model with its KV-cache reco
 
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from train_mla.training.hardware import check_teacher_fp8, fit_attention_to_machine, fit_loss_to_machine
 from train_mla.training.model_card import model_card
@@ -30,15 +31,13 @@ def start_run(types_, argv, description: str):
         checkpoint = resume_point(parsed[-1])
     except RecipeError as e:
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world > 1:
-            leave_with_the_main_process(world, int(os.environ.get("RANK", "0")))
         hint = ""
         if world > 1 and not gpu:
             hint = (
                 f" ({world} processes were launched on a machine without a GPU: add --bf16 false for CPU processes, "
                 f"or run one process, python train_mla/{Path(sys.argv[0]).name} RECIPE, which trains on the CPU)"
             )
-        raise SystemExit(f"error: {e}{hint}") from None
+        fail_start(f"{e}{hint}")
     import transformers
     from transformers import set_seed
 
@@ -68,6 +67,17 @@ def start_run(types_, argv, description: str):
         logging.getLogger("train_mla").info(note)
     check_teacher_fp8(args, gpu and not args.use_cpu, int(zero_stage) if zero_stage else None)
     return (*parsed, checkpoint)
+
+
+def fail_start(message) -> NoReturn:
+    """An error that every process finds before any heavy work (a bad recipe, a model that cannot be found): one line,
+    `error: ...`, said once by the main process, whose exit fails the launch."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        leave_with_the_main_process(world, int(os.environ.get("RANK", "0")))
+    raise SystemExit(f"error: {message}")
 
 
 def leave_with_the_main_process(world: int, rank: int, timeout: float = 20.0) -> None:
