@@ -12,6 +12,7 @@
 #   warm    books' data from a longer layer-wise warm start on the new text: the upcycling's refinement fits every
 #           MLA layer to the source attention on 128 Wikipedia blocks for 2,400 steps (the recipe: 32 ShareGPT
 #           blocks, 600 steps); WARM_ARGS replaces those settings
+#   combined  the three together: warm's init, wsd's schedule at peak's rate (the long recipes' method)
 # Every arm trains in one process (python train_mla/train_distill.py); arms run one after another, each arm's
 # evaluation runs beside the next arm's training. Needs ../shared/data, data/sharegpt, data/sharegpt_all, data/corpus.
 # TRAIN_ARGS (recipe overrides for the upcycle and every arm) and EVAL_ARGS (eval.sh options) shrink it for a CPU check.
@@ -43,9 +44,12 @@ for arm in "$@"; do
          extra=(--lr_scheduler_type warmup_stable_decay --lr_scheduler_kwargs "{\"num_decay_steps\": $((STEPS / 5))}") ;;
     peak) mix="$BASE, $WIKI, $BOOKS"; extra=(--learning_rate "${PEAK_LR:-1e-3}") ;;
     warm) mix="$BASE, $WIKI, $BOOKS"; extra=(${WARM_ARGS:-$WARM_DEFAULT}) ;;  # stage 1 checks the upcycled record
+    combined) mix="$BASE, $WIKI, $BOOKS"
+         extra=(${WARM_ARGS:-$WARM_DEFAULT} --learning_rate "${PEAK_LR:-1e-3}" --lr_scheduler_type warmup_stable_decay
+                --lr_scheduler_kwargs "{\"num_decay_steps\": $((STEPS / 5))}") ;;
     *) echo "unknown arm $arm" >&2; exit 2 ;;
   esac
-  if [ "$arm" = warm ]; then upcycled="$OUT/upcycled_warm"; upcycle "$upcycled" ${WARM_ARGS:-$WARM_DEFAULT}
+  if [ "$arm" = warm ] || [ "$arm" = combined ]; then upcycled="$OUT/upcycled_warm"; upcycle "$upcycled" ${WARM_ARGS:-$WARM_DEFAULT}
   else upcycled="$OUT/upcycled"; upcycle "$upcycled"; fi  # one upcycled model for every other arm, made once
   if [ ! -f "$OUT/$arm/config.json" ]; then
     mkdir -p "$OUT/$arm"; [ -d "$OUT/$arm/upcycled" ] || cp -r "$upcycled" "$OUT/$arm/upcycled"
