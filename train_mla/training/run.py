@@ -24,13 +24,10 @@ def start_run(types_, argv, description: str):
     defaults = {"ddp_backend": "gloo"} if distributed and not gpu else {}  # no NCCL on CPU
     if not gpu and not distributed:
         defaults["use_cpu"] = True  # recipes are written for GPUs: on a machine without one, run on the CPU
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     try:
         parsed = parse_recipe(types_, argv, defaults=defaults, description=description)
-        if int(os.environ.get("RANK", "0")) == 0:  # one lock per run, held by its main process
-            OutputLock(parsed[-1].output_dir).acquire()
-        checkpoint = resume_point(parsed[-1])
     except RecipeError as e:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
         hint = ""
         if world > 1 and not gpu:
             hint = (
@@ -38,6 +35,15 @@ def start_run(types_, argv, description: str):
                 f"or run one process, python train_mla/{Path(sys.argv[0]).name} RECIPE, which trains on the CPU)"
             )
         fail_start(f"{e}{hint}")
+    if rank == 0:  # one lock per run, held by its main process; its errors are that process's alone
+        try:
+            OutputLock(parsed[-1].output_dir).acquire()
+        except RecipeError as e:
+            raise SystemExit(f"error: {e}") from None
+    try:
+        checkpoint = resume_point(parsed[-1])
+    except RecipeError as e:
+        fail_start(e)
     import transformers
     from transformers import set_seed
 
