@@ -23,6 +23,7 @@ RECIPE=smollm2_135M/mla_kv_rank_80_rope_16.yaml
 SH=../shared/data
 BASE="data/sharegpt_all/chat_train.jsonl: 1.0, $SH/tinystories/tinystories_train_head.txt: 1.0, $SH/tinyshakespeare/input.txt: 1.0, $SH/wikitext-2/wiki.test.raw: 1.0"
 WIKI="data/corpus/wikipedia.jsonl: 13400"; BOOKS="data/corpus/books.jsonl: 3847"
+WSD=(--lr_scheduler_type warmup_stable_decay --lr_scheduler_kwargs "{\"num_decay_steps\": $((STEPS / 5))}")
 WARM_DEFAULT="--calibration_dataset data/corpus/wikipedia.jsonl --calibration_samples 128 --refine_steps 2400"
 stamp() { echo "[ablation $(date +%T)] $*"; }
 upcycle() {  # DIR [recipe overrides]: the float32 upcycled model stage 1 reuses, written whole, once
@@ -40,13 +41,10 @@ for arm in "$@"; do
     base) mix="$BASE" ;;
     wiki) mix="$BASE, $WIKI" ;;
     books) mix="$BASE, $WIKI, $BOOKS" ;;
-    wsd) mix="$BASE, $WIKI, $BOOKS"
-         extra=(--lr_scheduler_type warmup_stable_decay --lr_scheduler_kwargs "{\"num_decay_steps\": $((STEPS / 5))}") ;;
+    wsd) mix="$BASE, $WIKI, $BOOKS"; extra=("${WSD[@]}") ;;
     peak) mix="$BASE, $WIKI, $BOOKS"; extra=(--learning_rate "${PEAK_LR:-1e-3}") ;;
     warm) mix="$BASE, $WIKI, $BOOKS"; extra=(${WARM_ARGS:-$WARM_DEFAULT}) ;;  # stage 1 checks the upcycled record
-    combined) mix="$BASE, $WIKI, $BOOKS"
-         extra=(${WARM_ARGS:-$WARM_DEFAULT} --learning_rate "${PEAK_LR:-1e-3}" --lr_scheduler_type warmup_stable_decay
-                --lr_scheduler_kwargs "{\"num_decay_steps\": $((STEPS / 5))}") ;;
+    combined) mix="$BASE, $WIKI, $BOOKS"; extra=(${WARM_ARGS:-$WARM_DEFAULT} --learning_rate "${PEAK_LR:-1e-3}" "${WSD[@]}") ;;
     *) echo "unknown arm $arm" >&2; exit 2 ;;
   esac
   if [ "$arm" = warm ] || [ "$arm" = combined ]; then upcycled="$OUT/upcycled_warm"; upcycle "$upcycled" ${WARM_ARGS:-$WARM_DEFAULT}

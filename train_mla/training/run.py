@@ -19,12 +19,12 @@ def start_run(types_, argv, description: str):
 
     import torch
 
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    distributed = world > 1 or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
     gpu = torch.cuda.is_available()
     defaults = {"ddp_backend": "gloo"} if distributed and not gpu else {}  # no NCCL on CPU
     if not gpu and not distributed:
         defaults["use_cpu"] = True  # recipes are written for GPUs: on a machine without one, run on the CPU
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     try:
         parsed = parse_recipe(types_, argv, defaults=defaults, description=description)
     except RecipeError as e:
@@ -87,12 +87,13 @@ def fail_start(message) -> NoReturn:
 
 
 def leave_with_the_main_process(world: int, rank: int, timeout: float = 20.0) -> None:
-    """A recipe error that every process of a launch finds: the main process says it once and fails the launch. On one
+    """An error that every process of a launch finds: the main process says it once and fails the launch. On one
     machine the others leave first, with exit 0, once the main process has found the same error (a marker file), and
     the main process exits after them: the launcher then lists one failure instead of a traceback summary per process,
     and kills none still on its way to the check. Returns on the main process; the others exit here (2 when the main
     process did not find the error, or the launch spans machines)."""
     import os
+    import shutil
     import tempfile
     import time
 
@@ -113,9 +114,7 @@ def leave_with_the_main_process(world: int, rank: int, timeout: float = 20.0) ->
     while len(list(meet.iterdir())) < world and time.monotonic() < deadline:
         time.sleep(0.1)
     time.sleep(1.0)  # the others exit right after their file: let the launcher see them go first
-    for f in meet.iterdir():
-        f.unlink()
-    meet.rmdir()
+    shutil.rmtree(meet, ignore_errors=True)  # a process later than the deadline may still add its file
 
 
 def finish_run(trainer, result, source_dir: str | Path, what: str) -> None:
