@@ -397,6 +397,13 @@ class UpcycleOutput:
 
 
 @dataclass
+class PrepareDataSettings:
+    """What `python -m train_mla.prepare_data` reads of a stage-1 recipe besides its model and data keys."""
+
+    seed: int = field(default=42, metadata={"help": "The training seed (it draws the rows of a fractional share)."})
+
+
+@dataclass
 class DefaultRunSettings:
     """What `bash run_default.sh` runs on this kind of machine (smollm2_135M/default_run_gpu.yaml,
     default_run_cpu.yaml).
