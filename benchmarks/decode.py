@@ -230,6 +230,7 @@ def main(argv=None):
                     "transposed",
                     "fused_merge",
                     "balanced",
+                    "tma",
                 )
             }
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -47,7 +47,7 @@ def bench(fn, reps=20):
     return sorted(times)[len(times) // 2]
 
 
-KEYS = ("programs_per_sm", "block_t", "num_warps", "num_stages", "transposed", "fused_merge", "balanced")
+KEYS = ("programs_per_sm", "block_t", "num_warps", "num_stages", "transposed", "fused_merge", "balanced", "tma")
 
 
 def tiles(*grids):
@@ -56,16 +56,19 @@ def tiles(*grids):
 
 
 # tried per layout: the earlier formulation around its best tile, and the transposed one (tokens as the rows of the
-# matrix units) over tiles, warps, stages and splits; both with the merge pass and with the fused merge; and the
-# balanced grid (programs per SM = the grid, not splits)
+# matrix units) over tiles, warps, stages and splits; both with the merge pass and with the fused merge; the
+# balanced grid (programs per SM = the grid, not splits); and, for MLA, whole tiles by Hopper's copy engine (tma)
 GRID = {
     "mla": tiles(
-        ([2, 4], [128], [4], [3], [False], [False, True], [False]),
-        ([1, 2, 3, 4], [64, 128, 256], [4, 8], [2, 3], [True], [False, True], [False]),
-        ([1, 2, 3, 4, 6, 8], [64, 128], [4], [2, 3], [False, True], [True], [True]),
-    ),  # balanced grid
+        ([2, 4], [128], [4], [3], [False], [False, True], [False], [False]),
+        ([1, 2, 3, 4], [64, 128, 256], [4, 8], [2, 3], [True], [False, True], [False], [False]),
+        ([1, 2, 3, 4, 6, 8], [64, 128], [4], [2, 3], [False, True], [True], [True], [False]),  # balanced grid
+        ([1, 2, 3, 4], [64, 128, 256], [4, 8], [2, 3, 4], [False], [True], [True], [True]),  # balanced, copy engine
+        ([2, 4], [128], [4], [3], [False], [True], [False], [True]),  # split-KV, copy engine
+    ),
     "gqa": tiles(
-        ([2], [64], [4], [3], [False, True], [False], [False]), ([1, 2, 4], [64], [4], [3], [False], [True], [True])
+        ([2], [64], [4], [3], [False, True], [False], [False], [False]),
+        ([1, 2, 4], [64], [4], [3], [False], [True], [True], [False]),
     ),
 }
 

@@ -68,6 +68,10 @@ worst = 0.0
 formulations = [dict(transposed=t, fused_merge=f, balanced=False) for t in (False, True) for f in (False, True)]
 formulations += [dict(transposed=t, fused_merge=True, balanced=True) for t in (False, True)]
 formulations += [dict(transposed=False, fused_merge=True, balanced=True, block_t=16)]  # rows of up to 10 pieces
+# whole tiles of the MLA cache by tensor descriptors (the interpreter runs them as the copy engine would)
+formulations += [dict(transposed=False, fused_merge=False, balanced=False, block_t=128, tma=True)]
+for t, bt in ((False, 16), (True, 128)):
+    formulations += [dict(transposed=t, fused_merge=True, balanced=True, block_t=bt, tma=True)]
 for form in formulations:  # every formulation; balanced: num_splits x rows programs share all tiles
     for layout in tk.TILE:
         tk.TILE[layout].update(form)
@@ -75,6 +79,8 @@ for form in formulations:  # every formulation; balanced: num_splits x rows prog
     for case in (_mla_case, _mla_even_case, _gqa_case):
         for splits in (1, 2, 3, 7, 19):  # 19: a merge of many partials
             q, k, v, lengths = case()
+            if form.get("tma") and case is not _gqa_case:  # the copy-engine path is taken, not a fallback
+                assert tk.tma_descriptors(k, v.shape[-1], k.shape[-1] - v.shape[-1], (16, 16, 16)) is not None
             ref = da.decode_attention(q, k, v, lengths, 0.3, backend="torch")
             out = da.decode_attention(q, k, v, lengths, 0.3, num_splits=splits, backend="triton")
             assert out.shape == ref.shape

@@ -36,6 +36,9 @@ def attend_tile(
     l_i,
     Kc,
     Vc,
+    KA_desc,
+    KB_desc,
+    k_row0,
     k_base,
     v_base,
     t0,
@@ -58,6 +61,7 @@ def attend_tile(
     EVEN_DB: tl.constexpr,
     EVEN_DV: tl.constexpr,
     TRANS: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     # one tile of BLOCK_T cached tokens for all BLOCK_G query heads; MASK_T only for a split's last, partial tile.
     # TRANS: everything transposed (qa [DA, G], qb [DB, G], acc [DV, G]): scores [BLOCK_T, BLOCK_G], so that the
@@ -66,12 +70,16 @@ def attend_tile(
     da, db, dv = tl.arange(0, BLOCK_DA), tl.arange(0, BLOCK_DB), tl.arange(0, BLOCK_DV)
     live = tt < end  # masks only where a tile is partial or a width is not a power of 2: plain loads elsewhere
     k_row = Kc + k_base + tt[:, None] * sk_t
-    if MASK_T or not EVEN_DA:
+    if TMA and not MASK_T:  # a whole tile by the copy engine (Hopper's TMA); columns past DA or DB come as zeros
+        ka = KA_desc.load([(k_row0 + t0).to(tl.int32), 0])  # [BLOCK_T, BLOCK_DA]
+    elif MASK_T or not EVEN_DA:
         ka = tl.load(k_row + da[None, :], mask=live[:, None] & (da[None, :] < DA), other=0.0)  # [BLOCK_T, BLOCK_DA]
     else:
         ka = tl.load(k_row + da[None, :])
     if HAS_B:
-        if MASK_T or not EVEN_DB:
+        if TMA and not MASK_T:
+            kb = KB_desc.load([(k_row0 + t0).to(tl.int32), 0])  # [BLOCK_T, BLOCK_DB]
+        elif MASK_T or not EVEN_DB:
             kb = tl.load(k_row + DA + db[None, :], mask=live[:, None] & (db[None, :] < DB), other=0.0)
         else:
             kb = tl.load(k_row + DA + db[None, :])
@@ -117,6 +125,9 @@ def attend_range(
     Q,
     Kc,
     Vc,
+    KA_desc,
+    KB_desc,
+    seq_rows,
     b64,
     kh,
     start,
@@ -147,6 +158,7 @@ def attend_range(
     EVEN_DB: tl.constexpr,
     EVEN_DV: tl.constexpr,
     TRANS: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     # cached tokens [start, end) of one (sequence, key head), start on a tile boundary, for all its query heads:
     # -> (acc [BLOCK_G, BLOCK_DV], running max, running sum). Key columns = part A [0, DA) + part B [DA, DA + DB);
@@ -158,6 +170,7 @@ def attend_range(
     qa = tl.load(q_row + da[None, :], mask=(g[:, None] < G) & (da[None, :] < DA), other=0.0)  # [BLOCK_G, BLOCK_DA]
     qb = tl.load(q_row + DA + db[None, :], mask=(g[:, None] < G) & (db[None, :] < DB), other=0.0)  # [BLOCK_G, BLOCK_DB]
     k_base, v_base = b64 * sk_b + kh * sk_k, b64 * sv_b + kh * sv_k
+    k_row0 = b64 * seq_rows  # TMA: the sequence's first row in the [sequences x seq_rows, DA + DB] view of the cache
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)  # running max of the scores (log2 units)
     l_i = tl.zeros([BLOCK_G], tl.float32)  # running sum of exp2(score - max)
     if TRANS:
@@ -175,6 +188,9 @@ def attend_range(
             l_i,
             Kc,
             Vc,
+            KA_desc,
+            KB_desc,
+            k_row0,
             k_base,
             v_base,
             t0,
@@ -197,6 +213,7 @@ def attend_range(
             EVEN_DB,
             EVEN_DV,
             TRANS,
+            TMA,
         )
     if full_end < end:
         acc, m_i, l_i = attend_tile(
@@ -207,6 +224,9 @@ def attend_range(
             l_i,
             Kc,
             Vc,
+            KA_desc,
+            KB_desc,
+            k_row0,
             k_base,
             v_base,
             full_end,
@@ -229,6 +249,7 @@ def attend_range(
             EVEN_DB,
             EVEN_DV,
             TRANS,
+            TMA,
         )
     if TRANS:
         acc = tl.trans(acc)  # [BLOCK_G, BLOCK_DV]
@@ -305,6 +326,9 @@ def split_kv_decode(
     Q,
     Kc,
     Vc,
+    KA_desc,
+    KB_desc,
+    seq_rows,
     Lens,
     Out,
     Acc,
@@ -342,6 +366,7 @@ def split_kv_decode(
     EVEN_DV: tl.constexpr,
     SINGLE: tl.constexpr,
     TRANS: tl.constexpr,
+    TMA: tl.constexpr,
     FUSED_MERGE: tl.constexpr,
 ):
     # one program per (sequence, key head, split): every sequence is cut into num_splits equal runs of tiles
@@ -355,6 +380,9 @@ def split_kv_decode(
         Q,
         Kc,
         Vc,
+        KA_desc,
+        KB_desc,
+        seq_rows,
         b64,
         kh,
         start,
@@ -385,6 +413,7 @@ def split_kv_decode(
         EVEN_DB,
         EVEN_DV,
         TRANS,
+        TMA,
     )
     o_off = b64 * so_b + kh * so_k
     if SINGLE:  # one split: the normalised output directly, no merge pass
@@ -419,6 +448,9 @@ def balanced_decode(
     Q,
     Kc,
     Vc,
+    KA_desc,
+    KB_desc,
+    seq_rows,
     Lens,
     Out,
     Acc,
@@ -457,6 +489,7 @@ def balanced_decode(
     EVEN_DB: tl.constexpr,
     EVEN_DV: tl.constexpr,
     TRANS: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     # a fixed number P of programs (enough for every multiprocessor) shares all tiles of all R = B x K (sequence,
     # key head) rows equally, in row order: program p takes tiles [p W / P, (p + 1) W / P) of the W in all, which
@@ -484,6 +517,9 @@ def balanced_decode(
             Q,
             Kc,
             Vc,
+            KA_desc,
+            KB_desc,
+            seq_rows,
             b64,
             kh,
             (t - r_start) * BLOCK_T,
@@ -514,6 +550,7 @@ def balanced_decode(
             EVEN_DB,
             EVEN_DV,
             TRANS,
+            TMA,
         )
         # the programs holding the row's first and last tiles: the largest q with q W / P <= tile
         first_p = (((r_start + 1).to(tl.int64) * P + W - 1) // W - 1).to(tl.int32)
@@ -575,8 +612,9 @@ def _next_pow2(n: int, floor: int = 16) -> int:
 
 # per cache layout: tile sizes, and (sequence, key head, split) programs per multiprocessor that set the number of
 # splits; balanced: a fixed grid of programs_per_sm x SMs programs sharing all tiles of the batch equally
-# (balanced_decode) instead of equal splits of every sequence. The fastest of benchmarks/decode_kernel_sweep.py's grid
-# (its measurements: docs/benchmarks.md)
+# (balanced_decode) instead of equal splits of every sequence; tma: the MLA cache's whole tiles by Hopper's copy engine
+# (tensor descriptors, where tma_descriptors allows), a piece's partial last tile by masked loads. The fastest of
+# benchmarks/decode_kernel_sweep.py's grid (its measurements: docs/benchmarks.md)
 TILE = {
     "mla": {
         "block_t": 128,
@@ -586,6 +624,7 @@ TILE = {
         "transposed": False,
         "fused_merge": True,
         "balanced": True,
+        "tma": False,
     },
     "gqa": {
         "block_t": 64,
@@ -595,6 +634,7 @@ TILE = {
         "transposed": False,
         "fused_merge": False,
         "balanced": False,
+        "tma": False,
     },
 }
 LOG2E = 1.4426950408889634
@@ -608,6 +648,29 @@ def split_counters(device: torch.device, n: int) -> torch.Tensor:
     if buf is None or buf.numel() < n:
         buf = _COUNTERS[device] = torch.zeros(max(n, 1024), device=device, dtype=torch.int32)
     return buf
+
+
+def tma_descriptors(k_cache: torch.Tensor, DA: int, DB: int, block: tuple[int, int, int]):
+    """Tensor descriptors of the MLA cache k_cache [B, T, 1, DA + DB] seen as rows [B x seq_rows, DA + DB]: one for
+    the latent columns [0, DA), one for the RoPE key's [DA, DA + DB), tiles of block = (BLOCK_T, BLOCK_DA,
+    BLOCK_DB); returns (latent, rope, seq_rows), or None where the copy engine cannot serve: no Hopper GPU (or the
+    interpreter), a Triton without host descriptors, or strides and offsets not on 16-byte boundaries."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    if k_cache.is_cuda and torch.cuda.get_device_capability(k_cache.device)[0] < 9:
+        return None
+    B, T, K, DK = k_cache.shape
+    sk_b, sk_t = k_cache.stride(0), k_cache.stride(1)
+    size = k_cache.element_size()
+    if K != 1 or sk_b % sk_t or k_cache.data_ptr() % 16 or sk_t * size % 16 or DA * size % 16:
+        return None
+    rows, (bt, bda, bdb) = B * (sk_b // sk_t), block
+    view = k_cache.as_strided((rows, DK), (sk_t, 1))
+    latent = TensorDescriptor(view, shape=[rows, DA], strides=[sk_t, 1], block_shape=[bt, bda])
+    rope = TensorDescriptor(view[:, DA:], shape=[rows, DB], strides=[sk_t, 1], block_shape=[bt, bdb]) if DB else None
+    return latent, rope, sk_b // sk_t
 
 
 def decode_attention_triton(q, k_cache, v_cache, lengths, scale, num_splits: int | None = None):
@@ -659,6 +722,9 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, num_splits: int
         num_warps=tile["num_warps"],
         num_stages=tile["num_stages"],
     )
+    tma = tile.get("tma") and v_is_prefix and tma_descriptors(k_cache, DA, DB, (tile["block_t"], BDA, BDB))
+    descriptors = tma if tma else (None, None, 0)  # (latent, rope, rows per sequence)
+    shapes["TMA"] = bool(tma)
     if tile["balanced"]:
         P = num_splits * B * K if num_splits else tile["programs_per_sm"] * multiprocessors(q.device)
         acc = torch.empty(P + B * K, BG, BDV, device=q.device, dtype=torch.float32)  # slots p + r
@@ -667,6 +733,7 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, num_splits: int
             q,
             k_cache,
             v_cache,
+            *descriptors,
             lengths,
             out,
             acc,
@@ -695,6 +762,7 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, num_splits: int
         q,
         k_cache,
         v_cache,
+        *descriptors,
         lengths,
         out,
         acc,
