@@ -98,8 +98,13 @@ def main(argv=None):
     p.add_argument("--out", dest="out_option", help="the output path, as an option (after --points)")
     p.add_argument("--points", nargs="*", default=["64x8192"], help="BATCHxCONTEXT")
     p.add_argument("--default_only", action="store_true", help="only decode_attention.TILE, not the GRID")
+    p.add_argument(
+        "--where", nargs="*", default=[], metavar="KEY=VALUE", help="only the GRID's tiles with these values (tma=1)"
+    )
     args = p.parse_args(argv)
     args.out = args.out_option or args.out
+    wanted = {k: int(v) for k, v in (w.split("=") for w in args.where)}  # booleans as 0/1
+    grid = {layout: [t for t in g if all(int(t[k]) == v for k, v in wanted.items())] for layout, g in GRID.items()}
     dev = torch.device("cuda")
     rows, best = [], {}
     for point in args.points:
@@ -108,7 +113,7 @@ def main(argv=None):
         for layout, (q, k, v, nbytes) in cases(dev, B, T).items():
             ref = da.decode_attention(q, k, v, lengths, 0.1, backend="torch").float()
             default = dict(tk.TILE[layout])
-            for tile in [default] if args.default_only else GRID[layout]:
+            for tile in [default] if args.default_only else [default] + grid[layout]:  # TILE first: the baseline
                 tk.TILE[layout] = dict(tile)
                 splits = (
                     None if tile["balanced"] else tk.default_num_splits(B, q.shape[1], tk.multiprocessors(dev), layout)
