@@ -142,6 +142,7 @@ def main(argv=None):
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
+                save(args.out, args.points, rows, best)
             tk.TILE[layout] = default
             ok = [
                 r
@@ -150,15 +151,16 @@ def main(argv=None):
             ]  # a fast wrong kernel is no candidate
             if ok:
                 best[layout if len(args.points) == 1 else f"{layout} {point}"] = max(ok, key=lambda r: r["tb_per_s"])
+            save(args.out, args.points, rows, best)
     print("best", json.dumps(best))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps(
-            {"device": torch.cuda.get_device_name(), "points": args.points, "rows": rows, "best": best}, indent=2
-        )
-        + "\n"
-    )
     return best
+
+
+def save(out, points, rows, best):
+    """After every measurement, so that a sweep cut short keeps what it measured."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    doc = {"device": torch.cuda.get_device_name(), "points": points, "rows": rows, "best": best}
+    Path(out).write_text(json.dumps(doc, indent=2) + "\n")
 
 
 if __name__ == "__main__":
