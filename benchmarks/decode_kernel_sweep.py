@@ -73,15 +73,16 @@ GRID = {
 }
 
 
-def cases(dev, B, T):
+def cases(dev, B, T, latent=64, rope=32, heads=32):
     """Per layout: q, k_cache, v_cache and the cache bytes one call must read at batch B, context T."""
-    mla_cache = torch.randn(B, T + 64, 1, 96, device=dev, dtype=torch.bfloat16)
+    width = latent + rope
+    mla_cache = torch.randn(B, T + 64, 1, width, device=dev, dtype=torch.bfloat16)
     return {
         "mla": (
-            torch.randn(B, 1, 32, 96, device=dev, dtype=torch.bfloat16),
+            torch.randn(B, 1, heads, width, device=dev, dtype=torch.bfloat16),
             mla_cache,
-            mla_cache[..., :64],
-            B * T * 96 * 2,
+            mla_cache[..., :latent],
+            B * T * width * 2,
         ),
         "gqa": (
             torch.randn(B, 8, 4, 64, device=dev, dtype=torch.bfloat16),
@@ -101,8 +102,15 @@ def main(argv=None):
     p.add_argument(
         "--where", nargs="*", default=[], metavar="KEY=VALUE", help="only the GRID's tiles with these values (tma=1)"
     )
+    p.add_argument(
+        "--mla_shape",
+        default="64,32,32",
+        help="the MLA case's latent width, RoPE width and query heads (DeepSeek's: 512,64,16 or 512,64,128)",
+    )
+    p.add_argument("--layouts", nargs="*", default=["mla", "gqa"])
     args = p.parse_args(argv)
     args.out = args.out_option or args.out
+    latent, rope, heads = map(int, args.mla_shape.split(","))
     wanted = {k: int(v) for k, v in (w.split("=") for w in args.where)}  # booleans as 0/1
     grid = {layout: [t for t in g if all(int(t[k]) == v for k, v in wanted.items())] for layout, g in GRID.items()}
     dev = torch.device("cuda")
@@ -110,7 +118,9 @@ def main(argv=None):
     for point in args.points:
         B, T = map(int, point.split("x"))
         lengths = torch.full((B,), T, device=dev)
-        for layout, (q, k, v, nbytes) in cases(dev, B, T).items():
+        for layout, (q, k, v, nbytes) in cases(dev, B, T, latent, rope, heads).items():
+            if layout not in args.layouts:
+                continue
             ref = da.decode_attention(q, k, v, lengths, 0.1, backend="torch").float()
             default = dict(tk.TILE[layout])
             for tile in [default] if args.default_only else [default] + grid[layout]:  # TILE first: the baseline
@@ -142,7 +152,7 @@ def main(argv=None):
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
-                save(args.out, args.points, rows, best)
+                save(args.out, args.points, args.mla_shape, rows, best)
             tk.TILE[layout] = default
             ok = [
                 r
@@ -151,15 +161,15 @@ def main(argv=None):
             ]  # a fast wrong kernel is no candidate
             if ok:
                 best[layout if len(args.points) == 1 else f"{layout} {point}"] = max(ok, key=lambda r: r["tb_per_s"])
-            save(args.out, args.points, rows, best)
+            save(args.out, args.points, args.mla_shape, rows, best)
     print("best", json.dumps(best))
     return best
 
 
-def save(out, points, rows, best):
+def save(out, points, shape, rows, best):
     """After every measurement, so that a sweep cut short keeps what it measured."""
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    doc = {"device": torch.cuda.get_device_name(), "points": points, "rows": rows, "best": best}
+    doc = {"device": torch.cuda.get_device_name(), "points": points, "mla_shape": shape, "rows": rows, "best": best}
     Path(out).write_text(json.dumps(doc, indent=2) + "\n")
 
 
