@@ -93,3 +93,31 @@ def test_recipe_choice_is_refused_on_a_cpu_before_anything_runs(tmp_path):
     )
     assert r.returncode == 2 and "RECIPE applies to GPU runs" in r.stderr, r.stderr
     assert not out.exists()
+
+
+def test_full_data_tops_up_only_the_sharegpt_sample_recipes_and_weights_only_continues_in_one_process(tmp_path):
+    """The long recipes train on their own general-text mix; a stage 1 whose newest checkpoint is weights-only (a
+    run continued on another machine) is not handed to DeepSpeed, which resumes only its own checkpoints."""
+    import torch
+    from safetensors.torch import save_file
+
+    from train_mla.default_run import continues_weights_only, reads_sharegpt_sample
+    from train_mla.training.run_folder import CONTINUATION
+
+    assert reads_sharegpt_sample(str(REPO / "smollm2_135M/mla_kv_rank_80_rope_16.yaml"))
+    assert reads_sharegpt_sample(str(REPO / "smollm2_135M/mla_kv_rank_32_rope_16.yaml"))
+    for long in ("mla_kv_rank_80_rope_16_long.yaml", "mla_kv_rank_32_rope_16_long.yaml"):
+        assert not reads_sharegpt_sample(str(REPO / "smollm2_135M" / long))
+
+    run = tmp_path / "stage1"
+    assert not continues_weights_only(run)
+    for step, weights_only in ((10, False), (20, True)):
+        ckpt = run / f"checkpoint-{step}"
+        ckpt.mkdir(parents=True)
+        save_file({"w": torch.ones(2)}, str(ckpt / "model.safetensors"))
+        (ckpt / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
+        if weights_only:
+            (ckpt / CONTINUATION).write_text("{}")
+    assert continues_weights_only(run)
+    (run / "checkpoint-20" / "trainer_state.json").unlink()  # cut short: the whole checkpoint-10 is resumed
+    assert not continues_weights_only(run)

@@ -118,13 +118,13 @@ class DefaultRun:
         return [sys.executable]
 
     # -- the stages ------------------------------------------------------------------------------------------------
-    def stage1_args(self, teacher_text: Path | None) -> list[str]:
+    def stage1_args(self, teacher_text: Path | None, top_up: bool = False) -> list[str]:
         args = list(self.s.stage1_args)
         if os.environ.get("STAGE1_STEPS"):
             args += ["--max_steps", os.environ["STAGE1_STEPS"]]
         if self.quick:
             args += self.s.quick_stage1_args
-        if self.s.full_data:  # all ShareGPT conversations, the teacher's text, the stories; evaluated on WikiText-2
+        if top_up:  # all ShareGPT conversations, the teacher's text, the stories; evaluated on WikiText-2
             mix = ["data/sharegpt_all/chat_train.jsonl"] + ([str(teacher_text)] if teacher_text else [])
             if (REPO / SHARED).is_dir():
                 mix += [*SHARED_TEXT, f"{SHARED}/wikitext-2/wiki.test.raw"]
@@ -146,12 +146,19 @@ class DefaultRun:
         if finished_run_problem(stage1) is None:
             self.say("stage 1: already finished")
             return
-        seconds = 0 if self.quick else int(os.environ.get("TEACHER_SECONDS", self.s.teacher_seconds))
+        top_up = self.s.full_data and reads_sharegpt_sample(recipe)
+        if self.s.full_data and not top_up:
+            self.say(f"stage 1 data: {recipe}'s own mix (it reads no data/sharegpt/ sample to top up)")
+        seconds = int(os.environ.get("TEACHER_SECONDS", self.s.teacher_seconds)) if top_up and not self.quick else 0
         text = self.out / "data" / "teacher_text_train.jsonl" if seconds else None
         if text is not None:
             self.teacher_text_and_upcycle(recipe, text, seconds)
-        cmd = [*self.launcher(), "train_mla/train_distill.py", recipe, "--output_dir", str(stage1)]
-        self.run(cmd + self.stage1_args(text), self.out / "stage1.log", show_steps=True)
+        launcher = self.launcher()
+        if continues_weights_only(stage1) and len(launcher) > 1:
+            self.say("stage 1 continues a weights-only checkpoint in one process (DeepSpeed resumes only its own)")
+            launcher = [sys.executable]
+        cmd = [*launcher, "train_mla/train_distill.py", recipe, "--output_dir", str(stage1)]
+        self.run(cmd + self.stage1_args(text, top_up), self.out / "stage1.log", show_steps=True)
 
     def teacher_text_and_upcycle(self, recipe: str, text: Path, seconds: int) -> None:
         """On a GPU the original model writes text for stage 1 while the student is upcycled."""
@@ -307,6 +314,24 @@ class DefaultRun:
         else:
             print("\n[run_default] For comparison, what a GPU run of this script gave (one H200, docs/results.md):")
             print("\n".join((REPO / "docs/results/summary_2026-12-03_sixth.md").read_text().splitlines()[2:8]))
+
+
+def reads_sharegpt_sample(recipe: str) -> bool:
+    """Whether a stage-1 recipe trains on the ShareGPT sample (data/sharegpt/), which full_data replaces with all
+    conversations, the teacher's text and the stories. A recipe with a mix of its own (the *_long.yaml ones: all
+    conversations and the general-text corpora) is trained on that mix as written."""
+    import yaml
+
+    mixer = (yaml.safe_load(Path(recipe).read_text()) or {}).get("dataset_mixer") or {}
+    return any(str(name).startswith("data/sharegpt/") for name in mixer)
+
+
+def continues_weights_only(run: Path) -> bool:
+    """Whether stage 1's next start continues a weights-only checkpoint (python -m train_mla.checkpoint_transfer)."""
+    from train_mla.training.run_folder import CONTINUATION, newest_complete_checkpoint
+
+    last = newest_complete_checkpoint(run, log=lambda *_: None) if run.is_dir() else None
+    return last is not None and (Path(last) / CONTINUATION).is_file()
 
 
 def refuse(message: str):

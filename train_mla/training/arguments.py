@@ -426,16 +426,16 @@ class DefaultRunSettings:
     full_data: bool = field(
         default=False,
         metadata={
-            "help": "Train on all ShareGPT conversations (data/sharegpt_all) + ../shared's stories and "
-            "tinyshakespeare, "
-            "evaluated on WikiText-2 test; false: the recipe's own dataset_mixer."
+            "help": "A recipe that reads the ShareGPT sample (data/sharegpt/) trains on all ShareGPT conversations "
+            "(data/sharegpt_all) + the teacher's text + ../shared's stories and tinyshakespeare instead, evaluated "
+            "on WikiText-2 test; a recipe with a mix of its own (*_long.yaml) and false: the recipe's dataset_mixer."
         },
     )
     teacher_seconds: int = field(
         default=0,
         metadata={
-            "help": "Seconds of text the original model writes for stage 1 beside the upcycling "
-            "(TEACHER_SECONDS=N; 0: none)."
+            "help": "Seconds of text the original model writes for stage 1 beside the upcycling, part of the "
+            "full_data top-up (TEACHER_SECONDS=N; 0: none)."
         },
     )
     paper_init_recipe: str | None = field(
