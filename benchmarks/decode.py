@@ -231,6 +231,7 @@ def main(argv=None):
                     "fused_merge",
                     "balanced",
                     "tma",
+                    "heads_per_program",
                 )
             }
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

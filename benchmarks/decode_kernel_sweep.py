@@ -108,11 +108,16 @@ def main(argv=None):
         help="the MLA case's latent width, RoPE width and query heads (DeepSeek's: 512,64,16 or 512,64,128)",
     )
     p.add_argument("--layouts", nargs="*", default=["mla", "gqa"])
+    p.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="set in every tile, e.g. heads_per_program=64"
+    )
     args = p.parse_args(argv)
     args.out = args.out_option or args.out
     latent, rope, heads = map(int, args.mla_shape.split(","))
     wanted = {k: int(v) for k, v in (w.split("=") for w in args.where)}  # booleans as 0/1
     grid = {layout: [t for t in g if all(int(t[k]) == v for k, v in wanted.items())] for layout, g in GRID.items()}
+    fixed = {k: int(v) for k, v in (w.split("=") for w in args.set)}
+    grid = {layout: [{**t, **fixed} for t in g] for layout, g in grid.items()}
     dev = torch.device("cuda")
     rows, best = [], {}
     for point in args.points:
@@ -123,7 +128,8 @@ def main(argv=None):
                 continue
             ref = da.decode_attention(q, k, v, lengths, 0.1, backend="torch").float()
             default = dict(tk.TILE[layout])
-            for tile in [default] if args.default_only else [default] + grid[layout]:  # TILE first: the baseline
+            baseline = {**default, **fixed}
+            for tile in [baseline] if args.default_only else [baseline] + grid[layout]:  # TILE first: the baseline
                 tk.TILE[layout] = dict(tile)
                 splits = (
                     None if tile["balanced"] else tk.default_num_splits(B, q.shape[1], tk.multiprocessors(dev), layout)

@@ -72,6 +72,9 @@ formulations += [dict(transposed=False, fused_merge=True, balanced=True, block_t
 formulations += [dict(transposed=False, fused_merge=False, balanced=False, block_t=128, tma=True)]
 for t, bt in ((False, 16), (True, 128)):
     formulations += [dict(transposed=t, fused_merge=True, balanced=True, block_t=bt, tma=True)]
+# MLA's 4 query heads in 2 groups of 2, each group in programs of its own (as for DeepSeek's 128 heads)
+formulations += [dict(transposed=False, fused_merge=f, balanced=b, block_t=16, tma=b, heads_per_program=2)
+                 for f, b in ((False, False), (True, True))]  # fmt: skip
 for form in formulations:  # every formulation; balanced: num_splits x rows programs share all tiles
     for layout in tk.TILE:
         tk.TILE[layout].update(form)

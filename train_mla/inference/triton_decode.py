@@ -613,7 +613,8 @@ def _next_pow2(n: int, floor: int = 16) -> int:
 # per cache layout: tile sizes, and (sequence, key head, split) programs per multiprocessor that set the number of
 # splits; balanced: a fixed grid of programs_per_sm x SMs programs sharing all tiles of the batch equally
 # (balanced_decode) instead of equal splits of every sequence; tma: the MLA cache's whole tiles by Hopper's copy engine
-# (tensor descriptors, where tma_descriptors allows), a piece's partial last tile by masked loads. The fastest of
+# (tensor descriptors, where tma_descriptors allows), a piece's partial last tile by masked loads; heads_per_program:
+# MLA's query heads in groups of that many per program (None: all in one). The fastest of
 # benchmarks/decode_kernel_sweep.py's grid (its measurements: docs/benchmarks.md)
 TILE = {
     "mla": {
@@ -625,6 +626,7 @@ TILE = {
         "fused_merge": True,
         "balanced": True,
         "tma": False,
+        "heads_per_program": None,
     },
     "gqa": {
         "block_t": 64,
@@ -635,6 +637,7 @@ TILE = {
         "fused_merge": False,
         "balanced": False,
         "tma": False,
+        "heads_per_program": None,
     },
 }
 LOG2E = 1.4426950408889634
@@ -651,7 +654,8 @@ def split_counters(device: torch.device, n: int) -> torch.Tensor:
 
 
 def tma_descriptors(k_cache: torch.Tensor, DA: int, DB: int, block: tuple[int, int, int]):
-    """Tensor descriptors of the MLA cache k_cache [B, T, 1, DA + DB] seen as rows [B x seq_rows, DA + DB]: one for
+    """Tensor descriptors of the MLA cache k_cache [B, T, 1, DA + DB] (or its head groups: [B, T, n, DA + DB] of head
+    stride 0) seen as rows [B x seq_rows, DA + DB]: one for
     the latent columns [0, DA), one for the RoPE key's [DA, DA + DB), tiles of block = (BLOCK_T, BLOCK_DA,
     BLOCK_DB); returns (latent, rope, seq_rows), or None where the copy engine cannot serve: no Hopper GPU (or the
     interpreter), a Triton without host descriptors, or strides and offsets not on 16-byte boundaries."""
@@ -664,7 +668,7 @@ def tma_descriptors(k_cache: torch.Tensor, DA: int, DB: int, block: tuple[int, i
     B, T, K, DK = k_cache.shape
     sk_b, sk_t = k_cache.stride(0), k_cache.stride(1)
     size = k_cache.element_size()
-    if K != 1 or sk_b % sk_t or k_cache.data_ptr() % 16 or sk_t * size % 16 or DA * size % 16:
+    if (K != 1 and k_cache.stride(2)) or sk_b % sk_t or k_cache.data_ptr() % 16 or sk_t * size % 16 or DA * size % 16:
         return None
     rows, (bt, bda, bdb) = B * (sk_b // sk_t), block
     view = k_cache.as_strided((rows, DK), (sk_t, 1))
@@ -691,6 +695,21 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, num_splits: int
     BDV = BDA if v_is_prefix else _next_pow2(DV)
     layout = "mla" if v_is_prefix else "gqa"
     tile = TILE[layout]
+    heads = tile.get("heads_per_program")
+    if heads and K == 1 and G > heads and G % heads == 0:
+        # many query heads on the one latent head (DeepSeek's 128): groups of `heads`, each group in programs of its
+        # own, as if it had a key head of its own (stride 0: the same cache, read once per group; the groups of
+        # a tile run together and share it in L2), so that a program's accumulator stays in registers
+        n = G // heads
+        grouped = decode_attention_triton(
+            q.reshape(B, n, heads, DK),
+            k_cache.expand(-1, -1, n, -1),
+            v_cache.expand(-1, -1, n, -1),
+            lengths,
+            scale,
+            num_splits,
+        )  # [B, n, heads, DV]
+        return grouped.reshape(B, 1, G, DV)
     out = torch.empty(B, K, G, DV, device=q.device, dtype=q.dtype)
     strides = (
         q.stride(0),
