@@ -5,7 +5,9 @@ split_kv_decode (flash-decoding): one program per (sequence, key head, split) se
 each split keeps a running max and sum, and the splits are merged by merge_splits, or by the last split of each
 sequence to finish (fused merge), or not at all when there is one. balanced_decode does the same work on a fixed grid
 whose programs take equal shares of all the batch's tiles, across sequence boundaries (as FlashMLA's tile scheduler
-does). TILE holds the tile sizes per cache layout; decode_attention_triton launches them.
+does). On Hopper, the MLA cache's whole tiles can come by the copy engine (TMA: tma_descriptors); MLA's query heads
+can be split into groups with programs of their own (DeepSeek's 128). TILE holds these choices and the tile sizes per
+cache layout; decode_attention_triton launches them.
 
 Import this module only when the kernels are needed: Triton reads TRITON_INTERPRET (the CPU interpreter the tests use)
 when the kernels below are defined, at import.
