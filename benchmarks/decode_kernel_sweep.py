@@ -114,10 +114,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.out = args.out_option or args.out
     latent, rope, heads = map(int, args.mla_shape.split(","))
-    wanted = {k: int(v) for k, v in (w.split("=") for w in args.where)}  # booleans as 0/1
-    grid = {layout: [t for t in g if all(int(t[k]) == v for k, v in wanted.items())] for layout, g in GRID.items()}
-    fixed = {k: int(v) for k, v in (w.split("=") for w in args.set)}
-    grid = {layout: [{**t, **fixed} for t in g] for layout, g in grid.items()}
+    wanted, fixed = key_values(args.where), key_values(args.set)
+    grid = {
+        layout: [{**t, **fixed} for t in g if all(int(t[k]) == v for k, v in wanted.items())]
+        for layout, g in GRID.items()
+    }
     dev = torch.device("cuda")
     rows, best = [], {}
     for point in args.points:
@@ -170,6 +171,11 @@ def main(argv=None):
             save(args.out, args.points, args.mla_shape, rows, best)
     print("best", json.dumps(best))
     return best
+
+
+def key_values(items: list[str]) -> dict[str, int]:
+    """["tma=1", "heads_per_program=64"] -> {"tma": 1, "heads_per_program": 64} (booleans as 0/1)."""
+    return {k: int(v) for k, v in (item.split("=") for item in items)}
 
 
 def save(out, points, shape, rows, best):

@@ -154,7 +154,7 @@ class DefaultRun:
         if text is not None:
             self.teacher_text_and_upcycle(recipe, text, seconds)
         launcher = self.launcher()
-        if continues_weights_only(stage1) and len(launcher) > 1:
+        if continues_weights_only(stage1) and self.s.launcher == "accelerate":
             self.say("stage 1 continues a weights-only checkpoint in one process (DeepSpeed resumes only its own)")
             launcher = [sys.executable]
         cmd = [*launcher, "train_mla/train_distill.py", recipe, "--output_dir", str(stage1)]
@@ -330,7 +330,7 @@ def continues_weights_only(run: Path) -> bool:
     """Whether stage 1's next start continues a weights-only checkpoint (python -m train_mla.checkpoint_transfer)."""
     from train_mla.training.run_folder import CONTINUATION, newest_complete_checkpoint
 
-    last = newest_complete_checkpoint(run, log=lambda *_: None) if run.is_dir() else None
+    last = newest_complete_checkpoint(run, log=lambda *_: None)  # None for a run not started
     return last is not None and (Path(last) / CONTINUATION).is_file()
 
 

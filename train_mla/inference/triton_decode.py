@@ -672,11 +672,15 @@ def tma_descriptors(k_cache: torch.Tensor, DA: int, DB: int, block: tuple[int, i
     size = k_cache.element_size()
     if (K != 1 and k_cache.stride(2)) or sk_b % sk_t or k_cache.data_ptr() % 16 or sk_t * size % 16 or DA * size % 16:
         return None
-    rows, (bt, bda, bdb) = B * (sk_b // sk_t), block
-    view = k_cache.as_strided((rows, DK), (sk_t, 1))
-    latent = TensorDescriptor(view, shape=[rows, DA], strides=[sk_t, 1], block_shape=[bt, bda])
-    rope = TensorDescriptor(view[:, DA:], shape=[rows, DB], strides=[sk_t, 1], block_shape=[bt, bdb]) if DB else None
-    return latent, rope, sk_b // sk_t
+    seq_rows, (bt, bda, bdb) = sk_b // sk_t, block
+    view = k_cache.as_strided((B * seq_rows, DK), (sk_t, 1))  # [rows, DA + DB]
+    latent = TensorDescriptor(view, shape=[B * seq_rows, DA], strides=[sk_t, 1], block_shape=[bt, bda])
+    rope = (
+        TensorDescriptor(view[:, DA:], shape=[B * seq_rows, DB], strides=[sk_t, 1], block_shape=[bt, bdb])
+        if DB
+        else None
+    )
+    return latent, rope, seq_rows
 
 
 def decode_attention_triton(q, k_cache, v_cache, lengths, scale, num_splits: int | None = None):
