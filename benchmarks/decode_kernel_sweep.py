@@ -128,12 +128,13 @@ def main(argv=None):
             if layout not in args.layouts:
                 continue
             ref = da.decode_attention(q, k, v, lengths, 0.1, backend="torch").float()
-            default = dict(tk.TILE[layout])
+            entry = tk.tile_layout(layout == "mla", latent, rope)  # the TILE entry the kernel takes for this cache
+            default = dict(tk.TILE[entry])
             baseline = {**default, **fixed}
             for tile in [baseline] if args.default_only else [baseline] + grid[layout]:  # TILE first: the baseline
-                tk.TILE[layout] = dict(tile)
+                tk.TILE[entry] = dict(tile)
                 splits = (
-                    None if tile["balanced"] else tk.default_num_splits(B, q.shape[1], tk.multiprocessors(dev), layout)
+                    None if tile["balanced"] else tk.default_num_splits(B, q.shape[1], tk.multiprocessors(dev), entry)
                 )
                 try:
                     err = float((tk.decode_attention_triton(q, k, v, lengths, 0.1, splits).float() - ref).abs().max())
@@ -160,14 +161,14 @@ def main(argv=None):
                 )
                 print(json.dumps(rows[-1]), flush=True)
                 save(args.out, args.points, args.mla_shape, rows, best)
-            tk.TILE[layout] = default
+            tk.TILE[entry] = default
             ok = [
                 r
                 for r in rows
                 if "us" in r and r["max_abs_err"] < 0.05 and r["layout"] == layout and r["point"] == point
             ]  # a fast wrong kernel is no candidate
             if ok:
-                best[layout if len(args.points) == 1 else f"{layout} {point}"] = max(ok, key=lambda r: r["tb_per_s"])
+                best[entry if len(args.points) == 1 else f"{entry} {point}"] = max(ok, key=lambda r: r["tb_per_s"])
             save(args.out, args.points, args.mla_shape, rows, best)
     print("best", json.dumps(best))
     return best

@@ -101,12 +101,10 @@ def main(argv=None):
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/flashinfer_mla_peer.py measures a GPU kernel against FlashInfer's.")
-    if a.tiles:
-        best = json.loads(Path(a.tiles).read_text())["best"]["mla"]
-        tk.TILE["mla"] = {
-            k: best.get(k, False)
-            for k in ("block_t", "num_warps", "num_stages", "programs_per_sm", "transposed", "fused_merge", "balanced")
-        }
+    if a.tiles:  # a sweep's best tile per TILE entry it measured ("mla"; "mla_wide" at DeepSeek's widths)
+        for entry, best in json.loads(Path(a.tiles).read_text())["best"].items():
+            if entry in ("mla", "mla_wide"):
+                tk.TILE[entry] = {**tk.TILE[entry], **{k: best[k] for k in tk.TILE[entry] if k in best}}
     try:
         import flashinfer
 
@@ -119,7 +117,7 @@ def main(argv=None):
         "torch": torch.__version__,
         "flashinfer": fi_version,
         "page_size": a.page_size,
-        "our_tile": dict(tk.TILE["mla"]),
+        "our_tiles": {entry: dict(tk.TILE[entry]) for entry in ("mla", "mla_wide")},
     }
     print(json.dumps(info), flush=True)
     rows = []

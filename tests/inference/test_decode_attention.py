@@ -39,12 +39,17 @@ def _mla_even_case(seed=0, B=3, T=260, r=16, d_r=16, H=4):
     return torch.randn(B, 1, H, r + d_r), cache, cache[..., :r], torch.tensor([256, 128, 77])[:B]
 
 
+def _mla_wide_case(seed=0, B=3, T=90, r=300, d_r=20, H=4):
+    """A latent row wider than triton_decode.WIDE_ROW (512 + 32 columns as loaded): TILE["mla_wide"]."""
+    return _mla_case(seed, B, T, r, d_r, H)
+
+
 def _gqa_case(seed=0, B=3, T=150, K=2, G=3, d=16):
     torch.manual_seed(seed)
     return torch.randn(B, K, G, d), torch.randn(B, T, K, d), torch.randn(B, T, K, d), torch.tensor([150, 1, 77])[:B]
 
 
-@pytest.mark.parametrize("case", [_mla_case, _mla_even_case, _gqa_case])
+@pytest.mark.parametrize("case", [_mla_case, _mla_even_case, _mla_wide_case, _gqa_case])
 def test_reference_equals_float64_loop_and_ignores_positions_past_the_length(case):
     q, k, v, lengths = case()
     scale = 1 / math.sqrt(q.shape[-1])
@@ -61,9 +66,12 @@ def test_reference_equals_float64_loop_and_ignores_positions_past_the_length(cas
 _KERNEL_CHECK = """
 import sys, torch
 sys.path[:0] = [{repo!r}, *{tests!r}]
-from test_decode_attention import _gqa_case, _mla_case, _mla_even_case
+from test_decode_attention import _gqa_case, _mla_case, _mla_even_case, _mla_wide_case
 from train_mla.inference import decode_attention as da
 from train_mla.inference import triton_decode as tk
+# the tile entry per cache: DeepSeek's 512 + 64 and the wide case take the wide one, the recipes' widths the other
+assert [tk.tile_layout(True, r, d_r) for r, d_r in ((512, 64), (300, 20), (256, 64), (64, 32), (16, 32))] == [
+    "mla_wide", "mla_wide", "mla", "mla", "mla"] and tk.tile_layout(False, 512, 64) == "gqa"  # fmt: skip
 worst = 0.0
 formulations = [dict(transposed=t, fused_merge=f, balanced=False) for t in (False, True) for f in (False, True)]
 formulations += [dict(transposed=t, fused_merge=True, balanced=True) for t in (False, True)]
@@ -79,7 +87,7 @@ for form in formulations:  # every formulation; balanced: num_splits x rows prog
     for layout in tk.TILE:
         tk.TILE[layout].update(form)
     fused_merge = form["fused_merge"]
-    for case in (_mla_case, _mla_even_case, _gqa_case):
+    for case in (_mla_case, _mla_even_case, _mla_wide_case, _gqa_case):
         for splits in (1, 2, 3, 7, 19):  # 19: a merge of many partials
             q, k, v, lengths = case()
             if form.get("tma") and case is not _gqa_case:  # the copy-engine path is taken, not a fallback
@@ -116,3 +124,27 @@ def test_unknown_backend_is_an_error():
     q, k, v, lengths = _gqa_case()
     with pytest.raises(ValueError, match="backend"):
         da.decode_attention(q, k, v, lengths, 0.3, backend="cuda")
+
+
+def _mixed_lengths(B, T, device):
+    return torch.tensor([T, 1, 77, T // 2 + 3][:B] + [T - 5 * i for i in range(max(0, B - 4))], device=device)
+
+
+@pytest.mark.skipif(not (HAS_TRITON and torch.cuda.is_available()), reason="needs a CUDA GPU and triton")
+@pytest.mark.parametrize(
+    "latent,rope,heads",
+    [(64, 32, 32), (32, 16, 9), (80, 16, 9), (512, 64, 16), (512, 64, 128)],  # the recipes' widths, DeepSeek's
+)
+@pytest.mark.parametrize("batch", [1, 4, 37])
+def test_triton_kernel_on_the_gpu_matches_the_float32_reference(latent, rope, heads, batch):
+    """The kernel with TILE's tiles as they are (the interpreter test sets its own): compiles within the card's
+    shared memory at every width and agrees with the float32 reference over mixed lengths in a bf16 cache."""
+    torch.manual_seed(0)
+    dev, T = torch.device("cuda"), 1100
+    cache = torch.randn(batch, T, 1, latent + rope, device=dev, dtype=torch.bfloat16)
+    q = torch.randn(batch, 1, heads, latent + rope, device=dev, dtype=torch.bfloat16)
+    lengths = _mixed_lengths(batch, T, dev)
+    scale = 1 / math.sqrt(latent + rope)
+    ref = da.decode_attention(q.float(), cache.float(), cache[..., :latent].float(), lengths, scale, backend="torch")
+    out = da.decode_attention(q, cache, cache[..., :latent], lengths, scale, backend="triton")
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)

@@ -617,13 +617,26 @@ def _next_pow2(n: int, floor: int = 16) -> int:
 # (balanced_decode) instead of equal splits of every sequence; tma: the MLA cache's whole tiles by Hopper's copy engine
 # (tensor descriptors, where tma_descriptors allows), a piece's partial last tile by masked loads; heads_per_program:
 # MLA's query heads in groups of that many per program (None: all in one). The fastest of
-# benchmarks/decode_kernel_sweep.py's grid (its measurements: docs/benchmarks.md)
+# benchmarks/decode_kernel_sweep.py's grid (its measurements: docs/benchmarks.md); "mla_wide" serves latent + RoPE rows
+# wider than WIDE_ROW columns (DeepSeek's 512 + 64), whose "mla" tile would need more shared memory than Hopper has
+# (317 KB of its 227 KB at 576 columns), as tile_layout chooses
 TILE = {
     "mla": {
         "block_t": 128,
         "num_warps": 4,
         "num_stages": 3,
         "programs_per_sm": 2,
+        "transposed": False,
+        "fused_merge": True,
+        "balanced": True,
+        "tma": False,
+        "heads_per_program": None,
+    },
+    "mla_wide": {
+        "block_t": 64,
+        "num_warps": 4,
+        "num_stages": 3,
+        "programs_per_sm": 1,
         "transposed": False,
         "fused_merge": True,
         "balanced": True,
@@ -642,6 +655,7 @@ TILE = {
         "heads_per_program": None,
     },
 }
+WIDE_ROW = 320  # the "mla" tile's 3-stage pipeline of 128-token tiles fits Hopper's shared memory up to here
 LOG2E = 1.4426950408889634
 _COUNTERS: dict = {}  # per device: int32 zeros, one per (sequence, key head), for the fused merge; reset by the kernel
 
@@ -699,7 +713,7 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, num_splits: int
     DB = DK - DA
     BG, BDA, BDB = _next_pow2(G), _next_pow2(DA), _next_pow2(max(DB, 1))
     BDV = BDA if v_is_prefix else _next_pow2(DV)
-    layout = "mla" if v_is_prefix else "gqa"
+    layout = tile_layout(v_is_prefix, DA, DB)
     tile = TILE[layout]
     heads = tile.get("heads_per_program")
     if heads and K == 1 and G > heads and G % heads == 0:
@@ -822,6 +836,15 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, num_splits: int
             num_warps=4,
         )
     return out
+
+
+def tile_layout(latent_cache: bool, latent: int, rope: int) -> str:
+    """The TILE entry for a cache: "gqa" for separate keys and values; for MLA's latent cache (values = the first
+    `latent` columns of the keys, then `rope` RoPE columns), "mla", or "mla_wide" when a row as the kernel loads it
+    (each part padded to a power of 2) is wider than WIDE_ROW columns."""
+    if not latent_cache:
+        return "gqa"
+    return "mla_wide" if _next_pow2(latent) + _next_pow2(max(rope, 1)) > WIDE_ROW else "mla"
 
 
 def multiprocessors(device: torch.device) -> int:
