@@ -124,3 +124,30 @@ def test_latent_norm_probe_variants():
     assert torch.equal(out["first_exact"][:, 0], c[:, 0]) and torch.equal(out["first_exact"][:, 1:], out["norm"][:, 1:])
     ratio = out["clipped"] / c
     assert ratio.min() >= 0.8 - 1e-6 and ratio.max() <= 1.25 + 1e-6 and not torch.equal(out["clipped"], out["norm"])
+
+
+_GEMV_SMOKE = """
+import runpy, sys
+sys.path[:0] = [{repo!r}, *{tests!r}]
+sys.argv = ["gemv.py", "--smoke", "--out", OUT]
+runpy.run_path({repo!r} + "/benchmarks/gemv.py", run_name="__main__")
+"""
+
+
+def test_gemv_benchmark_smoke(tmp_path):
+    """benchmarks/gemv.py on the tiny MLA shape under Triton's interpreter: a row per step weight, each with the Triton
+    kernel's tile and an error against F.linear."""
+    from conftest import run_under_triton_interpreter
+
+    out = tmp_path / "gemv"
+    run_under_triton_interpreter(_GEMV_SMOKE.replace("OUT", repr(str(out))))  # before format(): no braces
+    rows = json.loads((tmp_path / "gemv.json").read_text())["rows"]
+    assert [r["weight"] for r in rows] == [
+        "q_a + kv_a",
+        "query (W_uk folded)",
+        "output (W_uv folded)",
+        "gate + up",
+        "down",
+        "lm_head",
+    ]
+    assert all(r["max_rel_err"] < 1e-2 and r["tile"]["block_n"] == 32 for r in rows)
