@@ -641,7 +641,7 @@ TILE = {
         "fused_merge": True,
         "balanced": True,
         "tma": False,
-        "heads_per_program": None,
+        "heads_per_program": 16,  # the measured tile's 16 heads: more (DeepSeek's 128) go in groups of 16
     },
     "gqa": {
         "block_t": 64,
