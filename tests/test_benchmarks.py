@@ -150,4 +150,4 @@ def test_gemv_benchmark_smoke(tmp_path):
         "down",
         "lm_head",
     ]
-    assert all(r["max_rel_err"] < 1e-2 and r["tile"]["block_n"] == 32 for r in rows)
+    assert all(r["max_rel_err"] < 1e-2 and r["triton_us"] > 0 for r in rows)  # every weight had a correct tile

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from train_mla.inference.triton_decode import multiprocessors
+
 
 @triton.jit
 def gemv_kernel(
@@ -51,8 +53,8 @@ def gemv_kernel(
         tl.atomic_add(out, y, mask=row_ok)  # float32 buffer, zeroed by the caller
 
 
-# the tile of benchmarks/gemv.py's sweep (block_n, block_k, split_k per weight shape: None = enough programs for the
-# multiprocessors), num_warps, num_stages
+# a starting tile, not yet measured (benchmarks/gemv.py sweeps others per weight): rows per program, K per tile,
+# shares of K (None: enough programs for the multiprocessors), warps, pipeline stages
 GEMV_TILE = {"block_n": 8, "block_k": 512, "split_k": None, "num_warps": 4, "num_stages": 3}
 
 
@@ -72,8 +74,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     N = weight.shape[0]
     if weight.shape[1] != K or x.stride(-1) != 1 or weight.stride(-1) != 1:
         raise ValueError(f"gemv needs x [M, K] and weight [N, K] with contiguous rows, got {x.shape}, {weight.shape}")
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2
-    split = t["split_k"] or default_split_k(N, K, t["block_n"], t["block_k"], sms)
+    split = t["split_k"] or default_split_k(N, K, t["block_n"], t["block_k"], multiprocessors(x.device))
     k_per_split = triton.cdiv(triton.cdiv(K, split), t["block_k"]) * t["block_k"]  # whole tiles per share
     split = triton.cdiv(K, k_per_split)
     y = (
