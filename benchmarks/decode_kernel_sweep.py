@@ -3,11 +3,14 @@ MLA layout (one latent head, 32 query heads, 64 + 32 columns) and the GQA layout
 
     python benchmarks/decode_kernel_sweep.py      # GPU; prints a table, writes docs/benchmarks/decode_kernel_sweep.json
     python benchmarks/decode_kernel_sweep.py --default_only --points 1x1024 64x8192 --out /tmp/k.json  # TILE only
+    python benchmarks/decode_kernel_sweep.py --where tma=1 --confirm 10   # then TILE against the best, alternately
 
 Bandwidth = cache bytes the call must read / its time (CUDA graph replays timed by CUDA events, median of 20; the
 call is the split kernel and the merge kernel, or the split kernel alone with the fused merge). The best tile per
 layout is what `decode_attention.TILE` holds;
-`python benchmarks/decode.py --tiles SWEEP.json` runs the engine with the best of a sweep instead.
+`python benchmarks/decode.py --tiles SWEEP.json` runs the engine with the best of a sweep instead. The same tile can
+measure 15 % apart in two calls minutes apart (docs/benchmarks.md): `--confirm R` times TILE's tile and the sweep's
+best alternately R times each after the sweep, and reports both medians and the median of the per-round ratios.
 """
 
 import argparse
@@ -45,6 +48,31 @@ def bench(fn, reps=20):
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3)
     return sorted(times)[len(times) // 2]
+
+
+def alternate(calls: dict, rounds: int, timer=bench) -> dict:
+    """Each call timed `rounds` times, the calls in turn (A B A B ...), so a drift of the card's clock or temperature
+    falls on all of them alike. Returns {name: [seconds per round]}."""
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            times[name].append(timer(fn))
+    return times
+
+
+def confirmation(times: dict) -> dict:
+    """Medians of `alternate`'s rounds of the calls "baseline" and "best", and the median of the rounds' best /
+    baseline ratios."""
+    from statistics import median
+
+    ratios = [b / a for a, b in zip(times["baseline"], times["best"])]
+    return {
+        "rounds": len(ratios),
+        "baseline_us": 1e6 * median(times["baseline"]),
+        "best_us": 1e6 * median(times["best"]),
+        "best_over_baseline": median(ratios),
+        "rounds_best_faster": sum(r < 1 for r in ratios),
+    }
 
 
 KEYS = ("programs_per_sm", "block_t", "num_warps", "num_stages", "transposed", "fused_merge", "balanced", "tma")
@@ -109,6 +137,9 @@ def main(argv=None):
     )
     p.add_argument("--layouts", nargs="*", default=["mla", "gqa"])
     p.add_argument(
+        "--confirm", type=int, default=0, metavar="R", help="after it: TILE's and the best tile alternately, R rounds"
+    )
+    p.add_argument(
         "--set", nargs="*", default=[], metavar="KEY=VALUE", help="set in every tile, e.g. heads_per_program=64"
     )
     args = p.parse_args(argv)
@@ -120,7 +151,7 @@ def main(argv=None):
         for layout, g in GRID.items()
     }
     dev = torch.device("cuda")
-    rows, best = [], {}
+    rows, best, confirmed = [], {}, {}
     for point in args.points:
         B, T = map(int, point.split("x"))
         lengths = torch.full((B,), T, device=dev)
@@ -160,7 +191,7 @@ def main(argv=None):
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
-                save(args.out, args.points, args.mla_shape, rows, best)
+                save(args.out, args.points, args.mla_shape, rows, best, confirmed)
             tk.TILE[entry] = default
             ok = [
                 r
@@ -168,10 +199,33 @@ def main(argv=None):
                 if "us" in r and r["max_abs_err"] < 0.05 and r["layout"] == layout and r["point"] == point
             ]  # a fast wrong kernel is no candidate
             if ok:
-                best[entry if len(args.points) == 1 else f"{entry} {point}"] = max(ok, key=lambda r: r["tb_per_s"])
-            save(args.out, args.points, args.mla_shape, rows, best)
+                name = entry if len(args.points) == 1 else f"{entry} {point}"
+                best[name] = max(ok, key=lambda r: r["tb_per_s"])
+                if args.confirm and not args.default_only:
+                    confirmed[name] = confirm(best[name], baseline, entry, args.confirm, q, k, v, lengths, B, dev)
+                    print("confirm", name, json.dumps(confirmed[name]), flush=True)
+            save(args.out, args.points, args.mla_shape, rows, best, confirmed)
     print("best", json.dumps(best))
     return best
+
+
+def confirm(best_row, baseline, entry, rounds, q, k, v, lengths, B, dev) -> dict:
+    """TILE's tile (`baseline`) against the sweep's best row, timed alternately."""
+    calls = {}
+    for name, tile in (("baseline", baseline), ("best", {k_: best_row[k_] for k_ in baseline if k_ in best_row})):
+        tile = {**baseline, **tile}
+        splits = None if tile["balanced"] else tk.default_num_splits(B, q.shape[1], tk.multiprocessors(dev), entry)
+
+        def call(tile=tile, splits=splits):
+            tk.TILE[entry] = dict(tile)  # the kernel reads its tile when the graph is captured
+            tk.decode_attention_triton(q, k, v, lengths, 0.1, splits)
+
+        calls[name] = call
+    default = dict(tk.TILE[entry])
+    try:
+        return confirmation(alternate(calls, rounds))
+    finally:
+        tk.TILE[entry] = default
 
 
 def key_values(items: list[str]) -> dict[str, int]:
@@ -179,10 +233,12 @@ def key_values(items: list[str]) -> dict[str, int]:
     return {k: int(v) for k, v in (item.split("=") for item in items)}
 
 
-def save(out, points, shape, rows, best):
+def save(out, points, shape, rows, best, confirmed):
     """After every measurement, so that a sweep cut short keeps what it measured."""
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     doc = {"device": torch.cuda.get_device_name(), "points": points, "mla_shape": shape, "rows": rows, "best": best}
+    if confirmed:
+        doc["confirm"] = confirmed
     Path(out).write_text(json.dumps(doc, indent=2) + "\n")
 
 

@@ -151,3 +151,20 @@ def test_gemv_benchmark_smoke(tmp_path):
         "lm_head",
     ]
     assert all(r["max_rel_err"] < 1e-2 and r["triton_us"] > 0 for r in rows)  # every weight had a correct tile
+
+
+def test_kernel_sweep_confirmation_alternates_the_calls_and_compares_round_by_round():
+    """--confirm times the two tiles in turn; a clock that drifts between rounds moves both, and the per-round ratio
+    still says which is faster (a fake timer here; the sweep itself needs a GPU)."""
+    sweep = _script("decode_kernel_sweep")
+    order, clock = [], iter(range(100))
+
+    def timer(fn):  # the card slows down by 10 % every call; "best" costs 0.9 of "baseline"
+        order.append(fn())
+        return (1.0 if order[-1] == "baseline" else 0.9) * 1.1 ** next(clock) * 1e-6
+
+    times = sweep.alternate({"baseline": lambda: "baseline", "best": lambda: "best"}, 4, timer)
+    assert order == ["baseline", "best"] * 4
+    c = sweep.confirmation(times)
+    assert c["rounds"] == 4 and c["rounds_best_faster"] == 4
+    assert abs(c["best_over_baseline"] - 0.9 * 1.1) < 1e-9  # each round: best measured one call after baseline

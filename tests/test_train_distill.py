@@ -371,7 +371,8 @@ WSD = [
 def test_a_run_across_allocations_equals_one_long_run(tiny_run, tmp_path):
     """stop_at_step ends an allocation with a checkpoint; packed into checksummed parts, unpacked into an empty folder
     on 'another machine' (no upcycled model there), the same command continues it to exactly the uninterrupted run's
-    model. Weights only: the first continued step is exactly the long run's, the learning rates all are."""
+    model. Weights only: the first continued step is exactly the long run's, the learning rates all are (or, under
+    continuation_warmup_steps, ramp up to them)."""
     from train_mla.checkpoint_transfer import main as transfer
 
     full = tmp_path / "full"
@@ -386,6 +387,7 @@ def test_a_run_across_allocations_equals_one_long_run(tiny_run, tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     assert "Stopped at step 6/12 as asked" in r.stdout + r.stderr
     assert (first / "checkpoint-6" / "optimizer.pt").is_file() and not (first / "config.json").exists()
+    assert (first / "checkpoint-6" / "kv_cache.json").is_file()  # every checkpoint carries the KV-cache record
 
     for kind in ("whole", "weights", "weights_bf16"):  # bf16: the master weights rounded once, for a smaller transfer
         weights_only = kind != "whole"
@@ -400,17 +402,37 @@ def test_a_run_across_allocations_equals_one_long_run(tiny_run, tmp_path):
         assert manifest["weights_dtype"] == ("bfloat16" if kind == "weights_bf16" else "float32")
         transfer(["unpack", str(parts), str(second)])
         assert (second / "checkpoint-6" / "optimizer.pt").is_file() != weights_only
-        r = _run(tiny_run / "recipe.yaml", "--output_dir", second, *WSD)
+        ramp = 3 if kind == "weights_bf16" else 0  # fresh Adam moments under a learning rate ramped over 3 steps
+        console = ""
+        if kind == "weights":  # a second allocation ends too: its checkpoint still has the record for a third
+            r = _run(
+                tiny_run / "recipe.yaml",
+                "--output_dir",
+                second,
+                *WSD,
+                "--continuation_warmup_steps",
+                0,
+                "--stop_at_step",
+                9,
+            )
+            assert r.returncode == 0, r.stderr[-4000:]
+            assert (second / "checkpoint-9" / "kv_cache.json").is_file() and not (second / "upcycled").exists()
+            console = r.stdout + r.stderr
+        r = _run(tiny_run / "recipe.yaml", "--output_dir", second, *WSD, "--continuation_warmup_steps", ramp)
         assert r.returncode == 0, r.stderr[-4000:]
-        assert "the student is built from" in r.stdout + r.stderr
+        console += r.stdout + r.stderr
+        assert "the student is built from" in console
         cont = _history(second)
         assert [h["step"] for h in cont] == [h["step"] for h in hist]
-        assert [h["learning_rate"] for h in cont] == lrs
+        # the rate logged at step s is the one it trained with: ramped by (s - 6) / 3 after step 6
+        expected = [lr * min(1.0, (h["step"] - 6) / ramp) if ramp and h["step"] > 6 else lr for lr, h in zip(lrs, hist)]
+        assert [h["learning_rate"] for h in cont] == pytest.approx(expected, rel=1e-6)
+        assert (f"ramped up from {lrs[6] / 3:.3g} over 3 steps" in console) == bool(ramp)
         # step 7: the same batch on the same weights (rounded to bf16: close)
         assert abs(cont[6]["loss"] - hist[6]["loss"]) < (1e-6 if kind != "weights_bf16" else 1e-2 * hist[6]["loss"])
         a, b = load_file(full / "model.safetensors"), load_file(second / "model.safetensors")
         if weights_only:
-            assert "weights-only checkpoint: training continues at step 6" in r.stdout + r.stderr
+            assert "weights-only checkpoint: training continues at step 6" in console
             assert any(not torch.equal(a[k], b[k]) for k in a)  # fresh Adam moments: close, not equal
             assert abs(cont[-1]["loss"] - hist[-1]["loss"]) < 0.2 * hist[-1]["loss"]
         else:

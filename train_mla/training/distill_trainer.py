@@ -36,6 +36,24 @@ def master_weight_dtypes(model, optimizer) -> tuple[torch.dtype, torch.dtype]:
     raise ValueError("no optimizer")
 
 
+def ramp_lr_after(scheduler, start: int, steps: int):
+    """Scale a LambdaLR schedule by min(1, (t - start + 1) / steps) from step `start` (its current step) on, and set the
+    optimizer's rates to step `start`'s. The wrappers are plain functions, which LambdaLR leaves out of its saved
+    state: a later checkpoint holds the schedule itself, and one resumed with its Adam moments needs no ramp."""
+    if not hasattr(scheduler, "lr_lambdas"):
+        raise ValueError(
+            f"continuation_warmup_steps needs a LambdaLR schedule (linear, cosine, warmup_stable_decay, ...), "
+            f"not {type(scheduler).__name__}: set continuation_warmup_steps: 0"
+        )
+
+    def ramped(schedule):
+        return lambda t: schedule(t) * min(1.0, (t - start + 1) / steps)
+
+    scheduler.lr_lambdas = [ramped(f) for f in scheduler.lr_lambdas]
+    scheduler.last_epoch = start - 1
+    scheduler.step()  # back at `start`: the optimizer's rates and get_last_lr() (what the Trainer logs) are ramped
+
+
 class DistillTrainer(Trainer):
     def __init__(self, *args, teacher, **kwargs):
         super().__init__(*args, **kwargs)
@@ -79,7 +97,8 @@ class DistillTrainer(Trainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         """A weights-only checkpoint (`checkpoint_transfer pack --weights_only`) has no optimizer state: the scheduler
-        continues at its step (and the optimizer's learning rate with it); Adam's moments start afresh."""
+        continues at its step and Adam's moments start afresh, under a learning rate ramped up over
+        `continuation_warmup_steps` (Adam's first steps move every weight by about the whole rate)."""
         from pathlib import Path
 
         from train_mla.training.run_folder import CONTINUATION
@@ -87,12 +106,17 @@ class DistillTrainer(Trainer):
         if checkpoint is None or not (Path(checkpoint) / CONTINUATION).is_file():
             return super()._load_optimizer_and_scheduler(checkpoint)
         self.lr_scheduler.load_state_dict(torch.load(Path(checkpoint) / "scheduler.pt", weights_only=True))
-        for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
-            group["lr"] = lr
+        start, ramp = self.lr_scheduler.last_epoch, self.args.continuation_warmup_steps
+        scheduled = self.lr_scheduler.get_last_lr()[0]
+        if ramp:
+            ramp_lr_after(self.lr_scheduler, start, ramp)
+        else:
+            for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
+                group["lr"] = lr
         logger.warning(
-            f"{checkpoint} is a weights-only checkpoint: training continues at step "
-            f"{self.lr_scheduler.last_epoch} with its learning rate ({self.lr_scheduler.get_last_lr()[0]:.3g}) "
-            "and data position; the optimizer's moments start afresh"
+            f"{checkpoint} is a weights-only checkpoint: training continues at step {start} with its learning rate "
+            f"({scheduled:.3g}) and data position; the optimizer's moments start afresh"
+            + (f", the rate ramped up from {self.lr_scheduler.get_last_lr()[0]:.3g} over {ramp} steps" if ramp else "")
         )
 
     def _teacher_to_fp8(self):

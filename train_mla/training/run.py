@@ -164,6 +164,25 @@ def finish_run(trainer, result, source_dir: str | Path, what: str) -> None:
         log.warning(f"The final model in {out} is incomplete ({problem}): its checkpoints are kept")
 
 
+def kv_record_in_checkpoints(source_dir):
+    """A callback that copies the run's KV-cache record (source_dir/kv_cache.json) into every checkpoint-N it saves:
+    a run continued from a checkpoint on another machine, with no upcycled/ beside it, then still ends with it."""
+    import shutil
+
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    record = Path(source_dir, "kv_cache.json")
+
+    class KvRecordInCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            ckpt = Path(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            if state.is_world_process_zero and record.is_file() and ckpt.is_dir():
+                shutil.copy(record, ckpt / "kv_cache.json")
+
+    return KvRecordInCheckpoints()
+
+
 def train_and_finish(trainer, checkpoint, label: str, source_dir, what: str, stop_at_step: int | None = None) -> None:
     """The training scripts' last step: a progress line per logging step on the console, SIGTERM / Ctrl-C (or
     stop_at_step) saving a checkpoint of the step in progress and exiting, then `finish_run`."""
@@ -171,6 +190,7 @@ def train_and_finish(trainer, checkpoint, label: str, source_dir, what: str, sto
     from train_mla.training.stop_signal import StopOnSignal
 
     trainer.add_callback(ProgressLine(label))
+    trainer.add_callback(kv_record_in_checkpoints(source_dir))
     stop = StopOnSignal(stop_at_step=stop_at_step)
     trainer.add_callback(stop)
     result = trainer.train(resume_from_checkpoint=checkpoint)
