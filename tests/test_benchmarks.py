@@ -151,6 +151,9 @@ def test_gemv_benchmark_smoke(tmp_path):
         "lm_head",
     ]
     assert all(r["max_rel_err"] < 1e-2 and r["triton_us"] > 0 for r in rows)  # every weight had a correct tile
+    for r in rows:  # every tile's time is kept; the smoke grid (two tiles) does not hold GEMV_TILE
+        assert len(r["tiles"]) == 2 and min(t["us"] for t in r["tiles"]) == r["triton_us"]
+        assert r["default_tile_us"] is None
 
 
 def test_kernel_sweep_confirmation_alternates_the_calls_and_compares_round_by_round():

@@ -3,8 +3,9 @@ multiply a few rows: y [M, N] = x [M, K] @ W [N, K]^T, W in nn.Linear's layout (
 
 Each program reduces BLOCK_N rows of W over its share of K (SPLIT_K shares: more programs for a weight with few rows,
 e.g. a down projection [2048, 8192]); shares are added in float32 (atomic adds into a zeroed buffer). The products
-accumulate in float32 whatever the inputs' precision, as cuBLAS's do. Whether it beats cuBLAS at the engine's shapes is
-what `benchmarks/gemv.py` measures; nothing in the engine calls it yet.
+accumulate in float32 whatever the inputs' precision, as cuBLAS's do. `benchmarks/gemv.py` measures it against cuBLAS
+at the engine's shapes (on an H100: 0-12 % faster per weight, about 4 % of the batch-1 step); the engine does not call
+it.
 
 Import this module only when the kernel is needed: Triton reads TRITON_INTERPRET (the CPU interpreter the tests use)
 when the kernel below is defined, at import.
@@ -53,9 +54,11 @@ def gemv_kernel(
         tl.atomic_add(out, y, mask=row_ok)  # float32 buffer, zeroed by the caller
 
 
-# a starting tile, not yet measured (benchmarks/gemv.py sweeps others per weight): rows per program, K per tile,
-# shares of K (None: enough programs for the multiprocessors), warps, pipeline stages
-GEMV_TILE = {"block_n": 8, "block_k": 512, "split_k": None, "num_warps": 4, "num_stages": 3}
+# rows per program, K per tile, shares of K (None: enough programs for the multiprocessors), warps, pipeline stages.
+# The best tile for three of the 1B step's six weights on an H100 (the LM head, down, q_a | kv_a; the others' best
+# tiles differ, and its time on them was not recorded then: benchmarks/gemv.py now keeps every tile's); split K won
+# on none of them (docs/benchmarks.md, 2026-12-07)
+GEMV_TILE = {"block_n": 4, "block_k": 512, "split_k": 1, "num_warps": 8, "num_stages": 3}
 
 
 def default_split_k(n: int, k: int, block_n: int, block_k: int, multiprocessors: int) -> int:
