@@ -162,6 +162,7 @@ def main(argv=None):
             entry = tk.tile_layout(layout == "mla", latent, rope)  # the TILE entry the kernel takes for this cache
             default = dict(tk.TILE[entry])
             baseline = {**default, **fixed}
+            base_row = None  # TILE's measurement, when it builds
             for tile in [baseline] if args.default_only else [baseline] + grid[layout]:  # TILE first: the baseline
                 tk.TILE[entry] = dict(tile)
                 splits = (
@@ -191,6 +192,8 @@ def main(argv=None):
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
+                if tile is baseline:
+                    base_row = rows[-1]
                 save(args.out, args.points, args.mla_shape, rows, best, confirmed)
             tk.TILE[entry] = default
             ok = [
@@ -201,29 +204,33 @@ def main(argv=None):
             if ok:
                 name = entry if len(args.points) == 1 else f"{entry} {point}"
                 best[name] = max(ok, key=lambda r: r["tb_per_s"])
-                if args.confirm and not args.default_only:
-                    confirmed[name] = confirm(best[name], baseline, entry, args.confirm, q, k, v, lengths, B, dev)
+                if args.confirm and not args.default_only and base_row in ok:
+                    confirmed[name] = confirm(base_row, best[name], entry, args.confirm, q, k, v, lengths)
                     print("confirm", name, json.dumps(confirmed[name]), flush=True)
             save(args.out, args.points, args.mla_shape, rows, best, confirmed)
     print("best", json.dumps(best))
     return best
 
 
-def confirm(best_row, baseline, entry, rounds, q, k, v, lengths, B, dev) -> dict:
-    """TILE's tile (`baseline`) against the sweep's best row, timed alternately."""
+def confirm(base_row, best_row, entry, rounds, q, k, v, lengths, timer=bench) -> dict:
+    """TILE's tile (`base_row`) against the sweep's best row, each with the tile and splits it was measured with,
+    timed alternately."""
+    default = dict(tk.TILE[entry])
     calls = {}
-    for name, tile in (("baseline", baseline), ("best", {k_: best_row[k_] for k_ in baseline if k_ in best_row})):
-        tile = {**baseline, **tile}
-        splits = None if tile["balanced"] else tk.default_num_splits(B, q.shape[1], tk.multiprocessors(dev), entry)
+    for name, row in (("baseline", base_row), ("best", best_row)):
+        tile = {
+            key: value
+            for key, value in row.items()
+            if key not in ("layout", "point", "splits", "us", "tb_per_s", "max_abs_err")
+        }
 
-        def call(tile=tile, splits=splits):
-            tk.TILE[entry] = dict(tile)  # the kernel reads its tile when the graph is captured
+        def call(tile=tile, splits=row["splits"]):
+            tk.TILE[entry] = tile  # the kernel reads its tile when the graph is captured
             tk.decode_attention_triton(q, k, v, lengths, 0.1, splits)
 
         calls[name] = call
-    default = dict(tk.TILE[entry])
     try:
-        return confirmation(alternate(calls, rounds))
+        return confirmation(alternate(calls, rounds, timer))
     finally:
         tk.TILE[entry] = default
 

@@ -171,3 +171,33 @@ def test_kernel_sweep_confirmation_alternates_the_calls_and_compares_round_by_ro
     c = sweep.confirmation(times)
     assert c["rounds"] == 4 and c["rounds_best_faster"] == 4
     assert abs(c["best_over_baseline"] - 0.9 * 1.1) < 1e-9  # each round: best measured one call after baseline
+
+
+_CONFIRM = """
+import sys, time
+sys.path[:0] = [{repo!r}, {repo!r} + "/benchmarks"]
+import torch
+import decode_kernel_sweep as sweep
+from train_mla.inference import triton_decode as tk
+
+torch.manual_seed(0)
+q, cache = torch.randn(2, 1, 4, 48), torch.randn(2, 40, 1, 48)
+lengths = torch.tensor([33, 17])
+default = dict(tk.TILE["mla"])
+seen = []
+def timer(fn):  # the tile each call set, then its wall time
+    t0 = time.perf_counter(); fn(); seen.append(dict(tk.TILE["mla"])); return time.perf_counter() - t0
+row = lambda **tile: {{"layout": "mla", "point": "2x40", **default, **tile, "splits": 2, "us": 1.0}}
+base, best = row(), row(block_t=16, num_warps=2)
+out = sweep.confirm(base, best, "mla", 2, q, cache, cache[..., :32], lengths, timer)
+assert [s["block_t"] for s in seen] == [default["block_t"], 16] * 2, seen
+assert tk.TILE["mla"] == default and out["rounds"] == 2 and out["best_us"] > 0
+print("ok")
+"""
+
+
+def test_kernel_sweep_confirmation_runs_each_rows_tile_under_the_interpreter():
+    """--confirm re-runs the two measured rows' own tiles (not TILE's) and gives TILE back afterwards."""
+    from conftest import run_under_triton_interpreter
+
+    assert run_under_triton_interpreter(_CONFIRM).strip().endswith("ok")

@@ -145,9 +145,6 @@ def pack(
                 continue
             tar.add(path, f"{name}/{rel}", recursive=False)
             files[rel] = _sha256(path)
-        kv = ckpt.parent / "upcycled" / "kv_cache.json"  # the KV record the final model card needs
-        if kv.is_file() and not (ckpt / "kv_cache.json").exists():
-            add("kv_cache.json", kv.read_bytes())
         if weights_only:
             add(
                 CONTINUATION,

@@ -36,10 +36,10 @@ def master_weight_dtypes(model, optimizer) -> tuple[torch.dtype, torch.dtype]:
     raise ValueError("no optimizer")
 
 
-def ramp_lr_after(scheduler, start: int, steps: int):
-    """Scale a LambdaLR schedule by min(1, (t - start + 1) / steps) from step `start` (its current step) on, and set the
-    optimizer's rates to step `start`'s. The wrappers are plain functions, which LambdaLR leaves out of its saved
-    state: a later checkpoint holds the schedule itself, and one resumed with its Adam moments needs no ramp."""
+def ramp_schedule_after(scheduler, start: int, steps: int):
+    """Scale a LambdaLR schedule by min(1, (t - start + 1) / steps) from step `start` on. The wrappers are plain
+    functions, which LambdaLR leaves out of its saved state: a later checkpoint holds the schedule itself, and one
+    resumed with its Adam moments needs no ramp."""
     if not hasattr(scheduler, "lr_lambdas"):
         raise ValueError(
             f"continuation_warmup_steps needs a LambdaLR schedule (linear, cosine, warmup_stable_decay, ...), "
@@ -50,8 +50,6 @@ def ramp_lr_after(scheduler, start: int, steps: int):
         return lambda t: schedule(t) * min(1.0, (t - start + 1) / steps)
 
     scheduler.lr_lambdas = [ramped(f) for f in scheduler.lr_lambdas]
-    scheduler.last_epoch = start - 1
-    scheduler.step()  # back at `start`: the optimizer's rates and get_last_lr() (what the Trainer logs) are ramped
 
 
 class DistillTrainer(Trainer):
@@ -109,10 +107,9 @@ class DistillTrainer(Trainer):
         start, ramp = self.lr_scheduler.last_epoch, self.args.continuation_warmup_steps
         scheduled = self.lr_scheduler.get_last_lr()[0]
         if ramp:
-            ramp_lr_after(self.lr_scheduler, start, ramp)
-        else:
-            for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
-                group["lr"] = lr
+            ramp_schedule_after(self.lr_scheduler, start, ramp)
+        self.lr_scheduler.last_epoch = start - 1
+        self.lr_scheduler.step()  # back at `start`: the optimizer's rates and get_last_lr() (what the Trainer logs)
         logger.warning(
             f"{checkpoint} is a weights-only checkpoint: training continues at step {start} with its learning rate "
             f"({scheduled:.3g}) and data position; the optimizer's moments start afresh"
