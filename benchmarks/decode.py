@@ -195,6 +195,25 @@ def check_engine(models, device, dtype):
     return out
 
 
+def best_tiles(path: str, point: str | None = None) -> dict:
+    """{layout: tile} from a benchmarks/decode_kernel_sweep.py output. Its "best" is keyed by layout ("mla") when
+    the sweep measured one point and by layout and point ("mla 64x8192") when it measured several: then `point`
+    chooses, and without it a layout with several best tiles is an error rather than a silent pick."""
+    best = json.loads(Path(path).read_text())["best"]
+    chosen: dict[str, dict] = {}
+    for name, row in best.items():
+        layout, _, at = name.partition(" ")
+        if point and at and at != point:
+            continue
+        if layout in chosen:
+            points = sorted(n.partition(" ")[2] for n in best if n.partition(" ")[0] == layout)
+            raise SystemExit(f"{path}: best {layout} tiles at several points ({', '.join(points)}): pass --tiles_point")
+        chosen[layout] = {k: row.get(k, tk.TILE[layout][k]) for k in tk.TILE[layout]}
+    if not chosen:
+        raise SystemExit(f"{path}: no best tile" + (f" at {point}" if point else ""))
+    return chosen
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -217,23 +236,10 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU is fine): only checks the script")
     p.add_argument("--out", default="runs/benchmarks/decode")
     p.add_argument("--tiles", help="a benchmarks/decode_kernel_sweep.py output: run the kernel with its best tiles")
+    p.add_argument("--tiles_point", help="which of the sweep's points (e.g. 64x8192) to take, when it measured several")
     a = p.parse_args(argv)
     if a.tiles:
-        for layout, row in json.loads(Path(a.tiles).read_text())["best"].items():
-            tk.TILE[layout] = {
-                k: row.get(k, False)
-                for k in (
-                    "block_t",
-                    "num_warps",
-                    "num_stages",
-                    "programs_per_sm",
-                    "transposed",
-                    "fused_merge",
-                    "balanced",
-                    "tma",
-                    "heads_per_program",
-                )
-            }
+        tk.TILE.update(best_tiles(a.tiles, a.tiles_point))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not a.smoke:
         raise SystemExit("benchmarks/decode.py measures a GPU; on CPU use --smoke.")

@@ -26,6 +26,23 @@ def test_decode_benchmark_smoke(tmp_path):
     assert (tmp_path / "decode.md").read_text().count("|") > 20
 
 
+def test_decode_benchmark_takes_the_sweeps_best_tile_of_the_chosen_point(tmp_path):
+    import pytest
+
+    decode = _script("decode")
+    row = {"block_t": 256, "num_warps": 8, "num_stages": 3, "programs_per_sm": 1, "tma": True}
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"best": {"mla": row}}))
+    assert decode.best_tiles(str(one))["mla"] == {**decode.tk.TILE["mla"], **row}
+    several = tmp_path / "several.json"
+    several.write_text(json.dumps({"best": {"mla 64x8192": row, "mla 16x32768": {**row, "block_t": 64}}}))
+    with pytest.raises(SystemExit, match="several points .*16x32768, 64x8192"):
+        decode.best_tiles(str(several))
+    assert decode.best_tiles(str(several), "16x32768")["mla"]["block_t"] == 64
+    with pytest.raises(SystemExit, match="no best tile at 1x1024"):
+        decode.best_tiles(str(several), "1x1024")
+
+
 def test_train_throughput_benchmark_smoke(tmp_path):
     for extra in ([], ["--teacher_fp8"]):  # a second row beside the first, not in its place
         _script("train_throughput").main(
