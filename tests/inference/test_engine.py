@@ -192,3 +192,26 @@ def test_sampled_token_frequencies_follow_the_nucleus_distribution(top_p):
     se = (want * (1 - want) / n).sqrt()
     assert ((freq - want).abs() <= 5 * se + 1e-12).all(), (freq, want)
     assert (freq[want == 0] == 0).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compile", [False, True])
+def test_the_copy_engine_tile_in_the_engine_gives_the_same_tokens_on_the_gpu(compile, monkeypatch):
+    """The MLA kernel reading the cache by tensor descriptors (tma) inside the engine's CUDA graphs (and compiled
+    layers) loads the same numbers as the pointer path, so the tokens must be identical; and the descriptors must
+    have been built (a Hopper GPU), or the copy engine was never used."""
+    from train_mla.inference import triton_decode as tk
+
+    args = MLAArguments(q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8, rope_init="keep_pairs")
+    mla = upcycle(tiny_llama(), args, log=lambda *_: None).to("cuda", torch.bfloat16).eval()
+    prompts = _prompts((5, 30, 1, 17))
+    pointer = Engine(mla, max_batch_size=4, max_seq_len=64, compile=compile).generate(prompts, max_new_tokens=24)
+    built = []
+    descriptors = tk.tma_descriptors
+    monkeypatch.setattr(tk, "tma_descriptors", lambda *a: built.append(descriptors(*a)) or built[-1])
+    tile = dict(block_t=128, num_warps=4, num_stages=3, programs_per_sm=2, tma=True)  # the confirmed H100 tile
+    monkeypatch.setitem(tk.TILE, "mla", {**tk.TILE["mla"], **tile})
+    engine = Engine(mla, max_batch_size=4, max_seq_len=64, compile=compile)
+    assert engine.generate(prompts, max_new_tokens=24) == pointer
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert built and all(d is not None for d in built)
