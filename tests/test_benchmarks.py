@@ -218,3 +218,34 @@ def test_kernel_sweep_confirmation_runs_each_rows_tile_under_the_interpreter():
     from conftest import run_under_triton_interpreter
 
     assert run_under_triton_interpreter(_CONFIRM).strip().endswith("ok")
+
+
+def test_nll_by_position_buckets_every_token_once_and_matches_the_models_own_loss(tmp_path):
+    import torch
+    from conftest import make_tiny_checkpoint
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    script = _script("nll_by_position")
+    a, b = make_tiny_checkpoint(tmp_path / "a", seed=0), make_tiny_checkpoint(tmp_path / "b", seed=1)
+    text = tmp_path / "stories.txt"
+    text.write_text("Once upon a time there was a cat.\n\nThe cat sat on the mat all day long and was happy.\n\n\nEnd.")
+    tok = AutoTokenizer.from_pretrained(a)
+    models = {n: AutoModelForCausalLM.from_pretrained(p).eval() for n, p in (("a", a), ("b", b))}
+    texts = script.paragraphs(str(text), 10)
+    assert len(texts) == 3
+    rows = script.by_position(models, tok, texts, [0, 2, 5])
+    assert [r["positions"] for r in rows] == ["0-1", "2-4", "5+", "all"]
+    lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    assert rows[-1]["tokens"] == sum(lengths) == sum(r["tokens"] for r in rows[:-1])
+    for name, model in models.items():  # the mean over all positions is the model's own loss, paragraph by paragraph
+        with torch.no_grad():
+            losses = [
+                model(
+                    x := torch.tensor([[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"]]), labels=x
+                ).loss
+                for t in texts
+            ]
+        expected = sum(float(loss) * n for loss, n in zip(losses, lengths)) / sum(lengths)
+        assert abs(rows[-1][name] - expected) < 1e-5
+    script.main([str(a), str(b), "--text", str(text), "--edges", "0", "3", "--out", str(tmp_path / "out")])
+    assert len(json.loads((tmp_path / "out.json").read_text())["rows"]) == 3
