@@ -218,11 +218,7 @@ def confirm(base_row, best_row, entry, rounds, q, k, v, lengths, timer=bench) ->
     default = dict(tk.TILE[entry])
     calls = {}
     for name, row in (("baseline", base_row), ("best", best_row)):
-        tile = {
-            key: value
-            for key, value in row.items()
-            if key not in ("layout", "point", "splits", "us", "tb_per_s", "max_abs_err")
-        }
+        tile = {key: row.get(key, value) for key, value in default.items()}  # TILE's keys, the row's values
 
         def call(tile=tile, splits=row["splits"]):
             tk.TILE[entry] = tile  # the kernel reads its tile when the graph is captured

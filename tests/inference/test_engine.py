@@ -206,9 +206,13 @@ def test_the_copy_engine_tile_in_the_engine_gives_the_same_tokens_on_the_gpu(com
     mla = upcycle(tiny_llama(), args, log=lambda *_: None).to("cuda", torch.bfloat16).eval()
     prompts = _prompts((5, 30, 1, 17))
     pointer = Engine(mla, max_batch_size=4, max_seq_len=64, compile=compile).generate(prompts, max_new_tokens=24)
-    built = []
-    descriptors = tk.tma_descriptors
-    monkeypatch.setattr(tk, "tma_descriptors", lambda *a: built.append(descriptors(*a)) or built[-1])
+    built, descriptors = [], tk.tma_descriptors
+
+    def recorded(*args):  # the descriptors the kernel asked for (None: it fell back to the pointer path)
+        built.append(descriptors(*args))
+        return built[-1]
+
+    monkeypatch.setattr(tk, "tma_descriptors", recorded)
     tile = dict(block_t=128, num_warps=4, num_stages=3, programs_per_sm=2, tma=True)  # the confirmed H100 tile
     monkeypatch.setitem(tk.TILE, "mla", {**tk.TILE["mla"], **tile})
     engine = Engine(mla, max_batch_size=4, max_seq_len=64, compile=compile)
