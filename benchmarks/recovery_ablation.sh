@@ -18,6 +18,8 @@
 # Every arm trains in one process (python train_mla/train_distill.py); arms run one after another, each arm's
 # evaluation runs beside the next arm's training. Needs ../shared/data, data/sharegpt, data/sharegpt_all, data/corpus.
 # TRAIN_ARGS (recipe overrides for the upcycle and every arm) and EVAL_ARGS (eval.sh options) shrink it for a CPU check.
+# UPCYCLE_ONLY=1 makes the arms' upcycled models and stops (e.g. beside other training on the same GPU); a later run
+# with the same OUT reuses them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=$1; STEPS=$2; shift 2
@@ -54,6 +56,7 @@ for arm in "$@"; do
   if [ "$arm" = warm ] || [ "$arm" = combined ]; then upcycled="$OUT/upcycled_warm"; upcycle "$upcycled" ${WARM_ARGS:-$WARM_DEFAULT}
   elif [ "$arm" = rope32 ]; then upcycled="$OUT/upcycled_warm_rope32"; upcycle "$upcycled" ${WARM_ARGS:-$WARM_DEFAULT} "${ROPE32[@]}"
   else upcycled="$OUT/upcycled"; upcycle "$upcycled"; fi  # one upcycled model for every other arm, made once
+  [ -n "${UPCYCLE_ONLY:-}" ] && continue
   if [ ! -f "$OUT/$arm/config.json" ]; then
     mkdir -p "$OUT/$arm"; [ -d "$OUT/$arm/upcycled" ] || cp -r "$upcycled" "$OUT/$arm/upcycled"
     stamp "arm $arm: $STEPS steps x 65,536 tokens on {$mix} ${extra[*]} (log: $OUT/$arm.log)"
