@@ -249,3 +249,71 @@ def test_nll_by_position_buckets_every_token_once_and_matches_the_models_own_los
         assert abs(rows[-1][name] - expected) < 1e-5
     script.main([str(a), str(b), "--text", str(text), "--edges", "0", "3", "--out", str(tmp_path / "out")])
     assert len(json.loads((tmp_path / "out.json").read_text())["rows"]) == 3
+
+
+def test_copy_probe_scores_exactly_the_second_copy_after_its_first_token(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+    from conftest import make_tiny_checkpoint
+
+    script = _script("copy_probe")
+    pool = torch.arange(100, 400)
+    trials = script.make_trials(pool, bos=1, span=8, gaps=[0, 5], trials=3, seed=0)
+    assert [t["gap"] for t in trials] == [0] * 3 + [5] * 3
+    for t in trials:
+        ids, s, gap = t["ids"], t["second"], t["gap"]
+        assert ids[0] == 1 and len(ids) == 1 + 2 * 8 + gap and s == 1 + 8 + gap
+        assert torch.equal(ids[1:9], ids[s:])  # the second copy repeats the first
+        filler = ids[9:s]
+        assert gap == 0 or torch.equal(filler, pool[int(filler[0]) - 100 :][:gap])  # a contiguous slice of the filler
+
+    class Copier(torch.nn.Module):  # logits at t name the token `back` positions before t + 1
+        def __init__(self, back):
+            super().__init__()
+            self.back, self.w = back, torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, use_cache=False):
+            logits = torch.zeros(*x.shape, 500)
+            src = (torch.arange(x.shape[1]) + 1 - self.back).clamp(min=0)
+            logits[0, torch.arange(x.shape[1]), x[0, src]] = 30.0
+            return SimpleNamespace(logits=logits)
+
+    gap5 = [t for t in trials if t["gap"] == 5]
+    rows = script.probe({"exact": Copier(8 + 5), "off": Copier(8 + 5 + 1)}, gap5)
+    assert rows[0]["tokens"] == 3 * 7
+    assert rows[0]["exact"]["exact"] == 1.0 and rows[0]["exact"]["nll"] < 1e-6
+    assert rows[0]["off"]["exact"] < 0.2 and rows[0]["off"]["nll"] > 10
+
+    ckpt = make_tiny_checkpoint(tmp_path / "a")
+    text = tmp_path / "filler.txt"
+    text.write_text("The cat sat on the mat and looked at the bird in the tree for a long time. " * 20)
+    args = ["--filler", str(text), "--span", "6", "--gaps", "0", "10", "--trials", "2", "--out", str(tmp_path / "c")]
+    script.main([str(ckpt), *args])
+    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert [r["gap"] for r in rows] == [0, 10] and all(r["tokens"] == 10 for r in rows)
+
+
+def test_copy_probe_swaps_one_layers_attention_at_a_time_and_puts_it_back():
+    import copy
+
+    import torch
+    from conftest import tiny_llama
+
+    script = _script("copy_probe")
+    model, source = tiny_llama(seed=0).eval(), tiny_llama(seed=1).eval()
+    trials = script.make_trials(torch.arange(5, model.config.vocab_size), bos=1, span=6, gaps=[0, 9], trials=2, seed=3)
+    before = script.probe({"model": model}, trials)
+    own = [layer.self_attn for layer in model.model.layers]
+    swaps = script.swap_probe(model, source, trials)
+    assert [s["layer"] for s in swaps] == [-1] + list(range(len(own)))
+    assert swaps[0]["rows"] == before
+    assert [layer.self_attn for layer in model.model.layers] == own  # every layer's own attention is back
+    for i in range(len(own)):  # the same as a copy of the model with that layer's attention weights loaded
+        hybrid = copy.deepcopy(model)
+        hybrid.model.layers[i].self_attn.load_state_dict(source.model.layers[i].self_attn.state_dict())
+        expected = script.probe({"model": hybrid}, trials)
+        for got, want in zip(swaps[i + 1]["rows"], expected):
+            assert abs(got["model"]["nll"] - want["model"]["nll"]) < 1e-5
+            assert got["model"]["exact"] == want["model"]["exact"]
+        assert swaps[i + 1]["rows"] != before
