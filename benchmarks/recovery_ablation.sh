@@ -15,6 +15,8 @@
 #   combined  the three together: warm's init, wsd's schedule at peak's rate (the long recipes' method)
 #   rope32  combined with the same 96 cached values split as latent 64 + RoPE key 32 instead of 80 + 16 (is the narrow
 #           shared RoPE key what LAMBADA loses?); its own warm-started upcycle
+#   repeat  combined + data/corpus/repeat.jsonl (python -m train_mla.repeat_passages: passages repeated 200-1,000 words
+#           later, docs/data.md): does distilling the teacher's copying from far back recover it (benchmarks/copy_probe.py)?
 # Every arm trains in one process (python train_mla/train_distill.py); arms run one after another, each arm's
 # evaluation runs beside the next arm's training. Needs ../shared/data, data/sharegpt, data/sharegpt_all, data/corpus.
 # TRAIN_ARGS (recipe overrides for the upcycle and every arm) and EVAL_ARGS (eval.sh options) shrink it for a CPU check.
@@ -26,7 +28,7 @@ OUT=$1; STEPS=$2; shift 2
 RECIPE=smollm2_135M/mla_kv_rank_80_rope_16.yaml
 SH=../shared/data
 BASE="data/sharegpt_all/chat_train.jsonl: 1.0, $SH/tinystories/tinystories_train_head.txt: 1.0, $SH/tinyshakespeare/input.txt: 1.0, $SH/wikitext-2/wiki.test.raw: 1.0"
-WIKI="data/corpus/wikipedia.jsonl: 13400"; BOOKS="data/corpus/books.jsonl: 3847"
+WIKI="data/corpus/wikipedia.jsonl: 13400"; BOOKS="data/corpus/books.jsonl: 3847"; REPEAT="data/corpus/repeat.jsonl: 1.0"
 WSD=(--lr_scheduler_type warmup_stable_decay --lr_scheduler_kwargs "{\"num_decay_steps\": $((STEPS / 5))}")
 ROPE32=(--kv_lora_rank 64 --qk_rope_head_dim 32 --qk_nope_head_dim 32)
 WARM_DEFAULT="--calibration_dataset data/corpus/wikipedia.jsonl --calibration_samples 128 --refine_steps 2400"
@@ -51,9 +53,10 @@ for arm in "$@"; do
     warm) mix="$BASE, $WIKI, $BOOKS"; extra=(${WARM_ARGS:-$WARM_DEFAULT}) ;;  # stage 1 checks the upcycled record
     combined) mix="$BASE, $WIKI, $BOOKS"; extra=(${WARM_ARGS:-$WARM_DEFAULT} --learning_rate "${PEAK_LR:-1e-3}" "${WSD[@]}") ;;
     rope32) mix="$BASE, $WIKI, $BOOKS"; extra=(${WARM_ARGS:-$WARM_DEFAULT} "${ROPE32[@]}" --learning_rate "${PEAK_LR:-1e-3}" "${WSD[@]}") ;;
+    repeat) mix="$BASE, $WIKI, $BOOKS, $REPEAT"; extra=(${WARM_ARGS:-$WARM_DEFAULT} --learning_rate "${PEAK_LR:-1e-3}" "${WSD[@]}") ;;
     *) echo "unknown arm $arm" >&2; exit 2 ;;
   esac
-  if [ "$arm" = warm ] || [ "$arm" = combined ]; then upcycled="$OUT/upcycled_warm"; upcycle "$upcycled" ${WARM_ARGS:-$WARM_DEFAULT}
+  if [ "$arm" = warm ] || [ "$arm" = combined ] || [ "$arm" = repeat ]; then upcycled="$OUT/upcycled_warm"; upcycle "$upcycled" ${WARM_ARGS:-$WARM_DEFAULT}
   elif [ "$arm" = rope32 ]; then upcycled="$OUT/upcycled_warm_rope32"; upcycle "$upcycled" ${WARM_ARGS:-$WARM_DEFAULT} "${ROPE32[@]}"
   else upcycled="$OUT/upcycled"; upcycle "$upcycled"; fi  # one upcycled model for every other arm, made once
   [ -n "${UPCYCLE_ONLY:-}" ] && continue
