@@ -48,7 +48,8 @@ def copy_scores(model, trial: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """[span - 1] NLL and exact-prediction flags of the second copy's tokens after its first, in float32."""
     ids, s = trial["ids"], trial["second"]
     x = ids[None].to(next(model.parameters()).device)  # [1, S]
-    logits = model(x, use_cache=False).logits[0, s:-1].float().cpu()  # [span - 1, V]: predict tokens s + 1 .. S - 1
+    logits = model(x, use_cache=False, logits_to_keep=len(ids) - s).logits  # [1, span, V]: positions s .. S - 1 only
+    logits = logits[0, :-1].float().cpu()  # [span - 1, V]: predict tokens s + 1 .. S - 1
     target = ids[s + 1 :]  # [span - 1]
     nll = torch.nn.functional.cross_entropy(logits, target, reduction="none")
     return nll, logits.argmax(-1) == target

@@ -273,11 +273,11 @@ def test_copy_probe_scores_exactly_the_second_copy_after_its_first_token(tmp_pat
             super().__init__()
             self.back, self.w = back, torch.nn.Parameter(torch.zeros(1))
 
-        def forward(self, x, use_cache=False):
+        def forward(self, x, use_cache=False, logits_to_keep=0):  # as transformers: the last positions only
             logits = torch.zeros(*x.shape, 500)
             src = (torch.arange(x.shape[1]) + 1 - self.back).clamp(min=0)
             logits[0, torch.arange(x.shape[1]), x[0, src]] = 30.0
-            return SimpleNamespace(logits=logits)
+            return SimpleNamespace(logits=logits[:, -logits_to_keep:])
 
     gap5 = [t for t in trials if t["gap"] == 5]
     rows = script.probe({"exact": Copier(8 + 5), "off": Copier(8 + 5 + 1)}, gap5)
@@ -304,6 +304,12 @@ def test_copy_probe_swaps_one_layers_attention_at_a_time_and_puts_it_back():
     model, source = tiny_llama(seed=0).eval(), tiny_llama(seed=1).eval()
     trials = script.make_trials(torch.arange(5, model.config.vocab_size), bos=1, span=6, gaps=[0, 9], trials=2, seed=3)
     before = script.probe({"model": model}, trials)
+    t = trials[-1]  # the scores are those of the full forward's logits at the second copy
+    with torch.no_grad():
+        full = model(t["ids"][None]).logits[0, t["second"] : -1]
+    nll, hit = script.copy_scores(model, t)
+    assert torch.allclose(nll, torch.nn.functional.cross_entropy(full, t["ids"][t["second"] + 1 :], reduction="none"))
+    assert torch.equal(hit, full.argmax(-1) == t["ids"][t["second"] + 1 :])
     own = [layer.self_attn for layer in model.model.layers]
     swaps = script.swap_probe(model, source, trials)
     assert [s["layer"] for s in swaps] == [-1] + list(range(len(own)))

@@ -35,7 +35,7 @@ def repeat_documents(
     """`documents` rows PASSAGE + GAP + PASSAGE, each passage from its own row of texts, the gap from another one."""
     lo, hi = gap_words
     rng = random.Random(seed)
-    usable = [t for t in texts if opening_words(t, max(passage_words, hi)) is not None]
+    usable = [t for t in texts if len(t.split()) >= max(passage_words, hi)]  # the words opening_words counts
     if len(usable) < documents + 1:
         raise SystemExit(
             f"{len(usable)} rows have at least {max(passage_words, hi)} words: too few for {documents} documents "
@@ -63,7 +63,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.documents < 1 or a.passage_words < 1 or not 0 < a.gap_words[0] <= a.gap_words[1]:
-        raise SystemExit(f"--documents {a.documents}, --passage_words {a.passage_words}, --gap_words {a.gap_words}")
+        raise SystemExit(
+            f"--documents {a.documents}, --passage_words {a.passage_words}, --gap_words {a.gap_words}: "
+            "need documents >= 1, passage_words >= 1 and 0 < MIN <= MAX"
+        )
     out = Path(a.output)
     if out.exists():
         raise SystemExit(f"{out} exists: not overwritten")
