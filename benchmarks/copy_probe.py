@@ -70,10 +70,10 @@ def probe(models: dict, trials: list[dict]) -> list[dict]:
 
 
 def swap_probe(model, source, trials: list[dict]) -> list[dict]:
-    """Per layer i: `probe` of `model` with layer i's self_attn replaced by `source`'s (then put back); layer -1 is
-    the model as it is. Both models share the decoder layers' call (Llama's), as an MLA student and its source do."""
+    """Per layer i: `probe` of `model` with layer i's self_attn replaced by `source`'s (then put back). Both models
+    share the decoder layers' call (Llama's), as an MLA student and its source do."""
     layers, source_layers = model.model.layers, source.model.layers
-    rows = [{"layer": -1, "rows": probe({"model": model}, trials)}]
+    rows = []
     for i, layer in enumerate(layers):
         own = layer.self_attn
         layer.self_attn = source_layers[i].self_attn
@@ -123,9 +123,9 @@ def main(argv=None):
                 print(f"{name} with one layer's attention from {a.swap_from}: NLL / exact per gap")
                 print("| layer | " + " | ".join(f"gap {r['gap']}" for r in rows) + " |")
                 print("|---:|" + "---|" * len(rows))
+                print("| none | " + " | ".join(cell(r[name]) for r in rows) + " |")  # the model as it is, above
                 for swap in swaps[name]:
-                    cells = " | ".join(cell(r["model"]) for r in swap["rows"])
-                    print(f"| {'none' if swap['layer'] < 0 else swap['layer']} | {cells} |")
+                    print(f"| {swap['layer']} | " + " | ".join(cell(r["model"]) for r in swap["rows"]) + " |")
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         settings = {"filler": a.filler, "span": a.span, "trials": a.trials, "seed": a.seed, "swap_from": a.swap_from}

@@ -32,6 +32,7 @@ WIKI="data/corpus/wikipedia.jsonl: 13400"; BOOKS="data/corpus/books.jsonl: 3847"
 WSD=(--lr_scheduler_type warmup_stable_decay --lr_scheduler_kwargs "{\"num_decay_steps\": $((STEPS / 5))}")
 ROPE32=(--kv_lora_rank 64 --qk_rope_head_dim 32 --qk_nope_head_dim 32)
 WARM_DEFAULT="--calibration_dataset data/corpus/wikipedia.jsonl --calibration_samples 128 --refine_steps 2400"
+COMBINED=(${WARM_ARGS:-$WARM_DEFAULT} --learning_rate "${PEAK_LR:-1e-3}" "${WSD[@]}")  # warm + peak + wsd
 stamp() { echo "[ablation $(date +%T)] $*"; }
 upcycle() {  # DIR [recipe overrides]: the float32 upcycled model stage 1 reuses, written whole, once
   local dir=$1; shift
@@ -51,9 +52,9 @@ for arm in "$@"; do
     wsd) mix="$BASE, $WIKI, $BOOKS"; extra=("${WSD[@]}") ;;
     peak) mix="$BASE, $WIKI, $BOOKS"; extra=(--learning_rate "${PEAK_LR:-1e-3}") ;;
     warm) mix="$BASE, $WIKI, $BOOKS"; extra=(${WARM_ARGS:-$WARM_DEFAULT}) ;;  # stage 1 checks the upcycled record
-    combined) mix="$BASE, $WIKI, $BOOKS"; extra=(${WARM_ARGS:-$WARM_DEFAULT} --learning_rate "${PEAK_LR:-1e-3}" "${WSD[@]}") ;;
-    rope32) mix="$BASE, $WIKI, $BOOKS"; extra=(${WARM_ARGS:-$WARM_DEFAULT} "${ROPE32[@]}" --learning_rate "${PEAK_LR:-1e-3}" "${WSD[@]}") ;;
-    repeat) mix="$BASE, $WIKI, $BOOKS, $REPEAT"; extra=(${WARM_ARGS:-$WARM_DEFAULT} --learning_rate "${PEAK_LR:-1e-3}" "${WSD[@]}") ;;
+    combined) mix="$BASE, $WIKI, $BOOKS"; extra=("${COMBINED[@]}") ;;
+    rope32) mix="$BASE, $WIKI, $BOOKS"; extra=("${COMBINED[@]}" "${ROPE32[@]}") ;;
+    repeat) mix="$BASE, $WIKI, $BOOKS, $REPEAT"; extra=("${COMBINED[@]}") ;;
     *) echo "unknown arm $arm" >&2; exit 2 ;;
   esac
   if [ "$arm" = warm ] || [ "$arm" = combined ] || [ "$arm" = repeat ]; then upcycled="$OUT/upcycled_warm"; upcycle "$upcycled" ${WARM_ARGS:-$WARM_DEFAULT}
