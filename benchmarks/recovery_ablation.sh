@@ -21,7 +21,8 @@
 # evaluation runs beside the next arm's training. Needs ../shared/data, data/sharegpt, data/sharegpt_all, data/corpus.
 # TRAIN_ARGS (recipe overrides for the upcycle and every arm) and EVAL_ARGS (eval.sh options) shrink it for a CPU check.
 # UPCYCLE_ONLY=1 makes the arms' upcycled models and stops (e.g. beside other training on the same GPU); a later run
-# with the same OUT reuses them.
+# with the same OUT reuses them, and one still being made by another run is waited for, not made twice.
+# PREPARE_ONLY=1 tokenises each arm's data into OUT/cache (CPU only, e.g. beside the upcycling) and stops.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=$1; STEPS=$2; shift 2
@@ -35,11 +36,14 @@ WARM_DEFAULT="--calibration_dataset data/corpus/wikipedia.jsonl --calibration_sa
 COMBINED=(${WARM_ARGS:-$WARM_DEFAULT} --learning_rate "${PEAK_LR:-1e-3}" "${WSD[@]}")  # warm + peak + wsd
 stamp() { echo "[ablation $(date +%T)] $*"; }
 upcycle() {  # DIR [recipe overrides]: the float32 upcycled model stage 1 reuses, written whole, once
-  local dir=$1; shift
-  [ -d "$dir" ] && return
-  stamp "upcycle $RECIPE $* (log: $dir.log)"
-  python -m train_mla.upcycle $RECIPE ${TRAIN_ARGS:-} "$@" --torch_dtype float32 --output "$dir.tmp" > "$dir.log" 2>&1
-  mv "$dir.tmp" "$dir"
+  local dir=$1 lock; shift
+  exec {lock}> "$dir.lock"; flock "$lock"  # another run making the same model: wait for it (released if it dies)
+  if [ ! -d "$dir" ]; then
+    stamp "upcycle $RECIPE $* (log: $dir.log)"
+    python -m train_mla.upcycle $RECIPE ${TRAIN_ARGS:-} "$@" --torch_dtype float32 --output "$dir.tmp" > "$dir.log" 2>&1
+    mv "$dir.tmp" "$dir"
+  fi
+  exec {lock}>&-
 }
 mkdir -p "$OUT/eval"
 evals=()
@@ -57,6 +61,13 @@ for arm in "$@"; do
     repeat) mix="$BASE, $WIKI, $BOOKS, $REPEAT"; extra=("${COMBINED[@]}") ;;
     *) echo "unknown arm $arm" >&2; exit 2 ;;
   esac
+  train_args=($RECIPE --output_dir "$OUT/$arm" --max_steps "$STEPS" --eval_steps $((STEPS / 4)) --save_steps 100000
+              --dataset_mixer "{$mix}" --processed_cache_dir "$OUT/cache" --preprocessing_num_workers 12 ${TRAIN_ARGS:-}
+              "${extra[@]}")
+  if [ -n "${PREPARE_ONLY:-}" ]; then
+    stamp "arm $arm: tokenising {$mix} (log: $OUT/$arm.prepare.log)"
+    python -m train_mla.prepare_data "${train_args[@]}" > "$OUT/$arm.prepare.log" 2>&1; continue
+  fi
   if [ "$arm" = warm ] || [ "$arm" = combined ] || [ "$arm" = repeat ]; then upcycled="$OUT/upcycled_warm"; upcycle "$upcycled" ${WARM_ARGS:-$WARM_DEFAULT}
   elif [ "$arm" = rope32 ]; then upcycled="$OUT/upcycled_warm_rope32"; upcycle "$upcycled" ${WARM_ARGS:-$WARM_DEFAULT} "${ROPE32[@]}"
   else upcycled="$OUT/upcycled"; upcycle "$upcycled"; fi  # one upcycled model for every other arm, made once
@@ -65,9 +76,7 @@ for arm in "$@"; do
     mkdir -p "$OUT/$arm"; [ -d "$OUT/$arm/upcycled" ] || cp -r "$upcycled" "$OUT/$arm/upcycled"
     stamp "arm $arm: $STEPS steps x 65,536 tokens on {$mix} ${extra[*]} (log: $OUT/$arm.log)"
     t0=$(date +%s)
-    python train_mla/train_distill.py $RECIPE --output_dir "$OUT/$arm" --max_steps "$STEPS" \
-      --eval_steps $((STEPS / 4)) --save_steps 100000 --dataset_mixer "{$mix}" \
-      --processed_cache_dir "$OUT/cache" --preprocessing_num_workers 12 ${TRAIN_ARGS:-} "${extra[@]}" > "$OUT/$arm.log" 2>&1
+    python train_mla/train_distill.py "${train_args[@]}" > "$OUT/$arm.log" 2>&1
     stamp "arm $arm: stage 1 done in $(( $(date +%s) - t0 )) s"
     rm -rf "$OUT/$arm/upcycled"
   fi

@@ -127,3 +127,19 @@ def test_allocated_ranks_fill_the_budget_and_build_a_working_model(tiny):
         assert torch.isfinite(m(x).logits).all()
     with pytest.raises(ValueError, match="set only one"):
         MLAArguments(allocate_kv_rank=True, kv_energy_ratio=0.9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_calibration_passes_run_on_the_gpu_and_leave_the_source_where_it_was(tiny, monkeypatch):
+    import train_mla.conversion.gqa_to_mla as U
+
+    src, tok, root = tiny
+    seen, real = [], U.attention_input_moments
+    monkeypatch.setattr(
+        U,
+        "attention_input_moments",
+        lambda model, *a, **k: seen.append(next(model.parameters()).device) or real(model, *a, **k),
+    )
+    upcycle(src, _args(root), log=lambda *_: None, tokenizer=tok)
+    assert [d.type for d in seen] == ["cuda"]
+    assert next(src.parameters()).device.type == "cpu"

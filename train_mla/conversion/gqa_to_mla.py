@@ -281,8 +281,12 @@ def upcycle(source, mla: MLAArguments, log=print, tokenizer=None):
         blocks = calibration_token_blocks(
             tokenizer, mla.calibration_dataset, mla.calibration_samples, mla.calibration_seq_length
         )
-        moments, inputs = attention_input_moments(source, blocks, keep_inputs=mla.refine_steps > 0)
-        log(f"Calibration: {blocks.shape[0]} x {blocks.shape[1]} tokens of {mla.calibration_dataset}")
+        home = next(source.parameters()).device  # forward passes on the SVD device (a GPU where there is one)
+        try:
+            moments, inputs = attention_input_moments(source.to(svd_device), blocks, keep_inputs=mla.refine_steps > 0)
+        finally:
+            source.to(home)
+        log(f"Calibration: {blocks.shape[0]} x {blocks.shape[1]} tokens of {mla.calibration_dataset} on {svd_device}")
 
     state = {k: v.detach().clone() for k, v in source.state_dict().items()}  # never share storage with the source
     layer_ranks, t0 = {}, time.time()

@@ -139,7 +139,12 @@ class MLAArguments:
     calibration_samples: int = field(default=64, metadata={"help": "Calibration sequences."})
     calibration_seq_length: int = field(default=512, metadata={"help": "Tokens per calibration sequence."})
     svd_dtype: str = field(default="float64", metadata={"help": "float64 or float32 for the SVD."})
-    svd_device: str = field(default="auto", metadata={"help": "auto (GPU if present), cpu or cuda."})
+    svd_device: str = field(
+        default="auto",
+        metadata={
+            "help": "Where calibration passes, factorisations and refinement run: auto (GPU if present), cpu, cuda."
+        },
+    )
     mla_decode_path: str = field(
         default="absorbed", metadata={"help": "absorbed or naive attention when decoding with a cache."}
     )
