@@ -85,7 +85,8 @@ def tiles(*grids):
 
 # tried per layout: the earlier formulation around its best tile, and the transposed one (tokens as the rows of the
 # matrix units) over tiles, warps, stages and splits; both with the merge pass and with the fused merge; the
-# balanced grid (programs per SM = the grid, not splits); and, for MLA, whole tiles by Hopper's copy engine (tma)
+# balanced grid (programs per SM = the grid, not splits); and, for MLA, whole tiles by Hopper's copy engine (tma);
+# `--set maxnreg=128` caps the registers of every tile (3 or 4 programs per SM can then be resident at once)
 GRID = {
     "mla": tiles(
         ([2, 4], [128], [4], [3], [False], [False, True], [False], [False]),
@@ -93,6 +94,7 @@ GRID = {
         ([1, 2, 3, 4, 6, 8], [64, 128], [4], [2, 3], [False, True], [True], [True], [False]),  # balanced grid
         ([1, 2, 3, 4], [64, 128, 256], [4, 8], [2, 3, 4], [False], [True], [True], [True]),  # balanced, copy engine
         ([2, 4], [128], [4], [3], [False], [True], [False], [True]),  # split-KV, copy engine
+        ([2, 3, 4], [64, 128], [4], [2, 3], [True], [True], [True], [True]),  # balanced, transposed, copy engine
     ),
     "gqa": tiles(
         ([2], [64], [4], [3], [False, True], [False], [False], [False]),

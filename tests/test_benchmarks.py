@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import sys
+from pathlib import Path
 
 from conftest import REPO, needs_smollm2
 
@@ -322,3 +323,39 @@ def test_copy_probe_swaps_one_layers_attention_at_a_time_and_puts_it_back():
             assert abs(got["model"]["nll"] - want["model"]["nll"]) < 1e-5
             assert got["model"]["exact"] == want["model"]["exact"]
         assert swaps[i]["rows"] != before
+
+
+def test_kernel_resources_compiles_the_decode_kernel_for_hopper_without_a_gpu(tmp_path):
+    """The MLA tile is compiled for sm_90 on this CPU (nothing launched): its copy-engine variant holds bulk tensor
+    copies and no cp.async, the other the reverse, and the limits on programs per multiprocessor follow from the
+    registers and shared memory reported."""
+    import os
+    import subprocess
+
+    import pytest
+    import triton
+
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not all((tools / t).is_file() for t in ("ptxas", "cuobjdump")):
+        pytest.skip("this Triton has no NVIDIA backend tools (ptxas, cuobjdump)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    rows = {}
+    for tma in (0, 1):
+        out = tmp_path / f"tma{tma}.json"
+        subprocess.run(
+            [sys.executable, str(REPO / "benchmarks" / "kernel_resources.py"), "--default_only", "--set", f"tma={tma}"]
+            + ["--out", str(out)],
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
+        (rows[tma],) = json.loads(out.read_text())["rows"]
+        assert (tmp_path / f"tma{tma}.md").read_text().count("balanced_decode") == 1
+    assert rows[1]["ptx"]["tma"] > 0 and rows[1]["ptx"]["cp_async"] == 0
+    assert rows[0]["ptx"]["tma"] == 0 and rows[0]["ptx"]["cp_async"] > 0
+    for r in rows.values():
+        assert 0 < r["registers"] <= 255 and r["shared_bytes"] > 0 and r["num_warps"] == 4
+        regs_per_program = -(-r["registers"] * 32 // 256) * 256 * r["num_warps"]
+        assert r["programs_per_sm_fit"]["registers"] == 65536 // regs_per_program
+        assert r["programs_per_sm_max"] == min(r["programs_per_sm_fit"].values())

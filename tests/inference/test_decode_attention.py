@@ -83,6 +83,9 @@ for t, bt in ((False, 16), (True, 128)):
 # MLA's 4 query heads in 2 groups of 2, each group in programs of its own (as for DeepSeek's 128 heads)
 formulations += [dict(transposed=False, fused_merge=f, balanced=b, block_t=16, tma=b, heads_per_program=2)
                  for f, b in ((False, False), (True, True))]  # fmt: skip
+# a cap on registers (a launch option; last, as every formulation keeps what the ones before it set)
+formulations += [dict(transposed=True, fused_merge=True, balanced=True, block_t=16, tma=True, heads_per_program=None,
+                      maxnreg=128)]  # fmt: skip
 for form in formulations:  # every formulation; balanced: num_splits x rows programs share all tiles
     for layout in tk.TILE:
         tk.TILE[layout].update(form)

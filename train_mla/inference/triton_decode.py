@@ -616,7 +616,9 @@ def _next_pow2(n: int, floor: int = 16) -> int:
 # splits; balanced: a fixed grid of programs_per_sm x SMs programs sharing all tiles of the batch equally
 # (balanced_decode) instead of equal splits of every sequence; tma: the MLA cache's whole tiles by Hopper's copy engine
 # (tensor descriptors, where tma_descriptors allows), a piece's partial last tile by masked loads; heads_per_program:
-# MLA's query heads in groups of that many per program (None: all in one). The fastest of
+# MLA's query heads in groups of that many per program (None: all in one); maxnreg: a cap on registers per thread
+# (None: the compiler's choice, which is 170-255 for every MLA tile and so holds 8 warps per multiprocessor:
+# benchmarks/kernel_resources.py). The fastest of
 # benchmarks/decode_kernel_sweep.py's grid (its measurements: docs/benchmarks.md); "mla_wide" serves latent + RoPE rows
 # wider than WIDE_ROW columns (DeepSeek's 512 + 64), whose "mla" tile would need more shared memory than Hopper has
 # (317 KB of its 227 KB at 576 columns), as tile_layout chooses
@@ -631,6 +633,7 @@ TILE = {
         "balanced": True,
         "tma": True,  # H100: kernel -4 % (29 of 30 alternating rounds), engine at 64 x 8k +1 %
         "heads_per_program": None,
+        "maxnreg": None,
     },
     "mla_wide": {
         "block_t": 64,
@@ -642,6 +645,7 @@ TILE = {
         "balanced": True,
         "tma": False,
         "heads_per_program": 16,  # the measured tile's 16 heads: more (DeepSeek's 128) go in groups of 16
+        "maxnreg": None,
     },
     "gqa": {
         "block_t": 64,
@@ -653,6 +657,7 @@ TILE = {
         "balanced": False,
         "tma": False,
         "heads_per_program": None,
+        "maxnreg": None,
     },
 }
 WIDE_ROW = 320  # the "mla" tile's 3-stage pipeline of 128-token tiles fits Hopper's shared memory up to here
@@ -764,6 +769,8 @@ def decode_attention_triton(q, k_cache, v_cache, lengths, scale, num_splits: int
     tma = tile.get("tma") and v_is_prefix and tma_descriptors(k_cache, DA, DB, (tile["block_t"], BDA, BDB))
     descriptors = tma if tma else (None, None, 0)  # (latent, rope, rows per sequence)
     shapes["TMA"] = bool(tma)
+    if tile.get("maxnreg"):
+        shapes["maxnreg"] = tile["maxnreg"]
     if tile["balanced"]:
         P = num_splits * B * K if num_splits else tile["programs_per_sm"] * multiprocessors(q.device)
         acc = torch.empty(P + B * K, BG, BDV, device=q.device, dtype=torch.float32)  # slots p + r
