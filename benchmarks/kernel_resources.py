@@ -95,7 +95,8 @@ def resources(kernel) -> dict:
         f.write(kernel.asm["cubin"])
         f.flush()
         usage = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True, check=True)
-    fields = dict(item.split(":") for item in usage.stdout.split("\n")[-2].split())
+    line = next(x for x in usage.stdout.splitlines() if "REG:" in x)  # the kernel's resource line
+    fields = dict(item.split(":") for item in line.split())
     regs, warps, shared = int(fields["REG"]), kernel.metadata.num_warps, kernel.metadata.shared
     regs_per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256  # allocated per warp in units of 256
     fit = {

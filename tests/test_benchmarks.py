@@ -327,8 +327,8 @@ def test_copy_probe_swaps_one_layers_attention_at_a_time_and_puts_it_back():
 
 def test_kernel_resources_compiles_the_decode_kernel_for_hopper_without_a_gpu(tmp_path):
     """The MLA tile is compiled for sm_90 on this CPU (nothing launched): its copy-engine variant holds bulk tensor
-    copies and no cp.async, the other the reverse, and the limits on programs per multiprocessor follow from the
-    registers and shared memory reported."""
+    copies and no cp.async, the other the reverse; a register cap reaches the compiler, and at 128 registers four
+    programs of 4 warps fit in the 64 K registers of a multiprocessor (128 x 128 x 4 = 65,536)."""
     import os
     import subprocess
 
@@ -340,22 +340,22 @@ def test_kernel_resources_compiles_the_decode_kernel_for_hopper_without_a_gpu(tm
         pytest.skip("this Triton has no NVIDIA backend tools (ptxas, cuobjdump)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     rows = {}
-    for tma in (0, 1):
-        out = tmp_path / f"tma{tma}.json"
+    for name, tile in {"plain": ["tma=0"], "tma": ["tma=1"], "capped": ["tma=1", "maxnreg=128"]}.items():
+        out = tmp_path / f"{name}.json"
         subprocess.run(
-            [sys.executable, str(REPO / "benchmarks" / "kernel_resources.py"), "--default_only", "--set", f"tma={tma}"]
+            [sys.executable, str(REPO / "benchmarks" / "kernel_resources.py"), "--default_only", "--set", *tile]
             + ["--out", str(out)],
             env=env,
             check=True,
             capture_output=True,
             timeout=600,
         )
-        (rows[tma],) = json.loads(out.read_text())["rows"]
-        assert (tmp_path / f"tma{tma}.md").read_text().count("balanced_decode") == 1
-    assert rows[1]["ptx"]["tma"] > 0 and rows[1]["ptx"]["cp_async"] == 0
-    assert rows[0]["ptx"]["tma"] == 0 and rows[0]["ptx"]["cp_async"] > 0
+        (rows[name],) = json.loads(out.read_text())["rows"]
+        assert (tmp_path / f"{name}.md").read_text().count("balanced_decode") == 1
+    assert rows["tma"]["ptx"]["tma"] > 0 and rows["tma"]["ptx"]["cp_async"] == 0
+    assert rows["plain"]["ptx"]["tma"] == 0 and rows["plain"]["ptx"]["cp_async"] > 0
+    assert rows["capped"]["registers"] == 128 and rows["capped"]["programs_per_sm_fit"]["registers"] == 4
     for r in rows.values():
         assert 0 < r["registers"] <= 255 and r["shared_bytes"] > 0 and r["num_warps"] == 4
-        regs_per_program = -(-r["registers"] * 32 // 256) * 256 * r["num_warps"]
-        assert r["programs_per_sm_fit"]["registers"] == 65536 // regs_per_program
+        assert r["programs_per_sm_fit"]["warps"] == 16  # 64 warps per multiprocessor
         assert r["programs_per_sm_max"] == min(r["programs_per_sm_fit"].values())
