@@ -2,6 +2,8 @@
 # Install X-EcoMLA and its pinned dependencies (pyproject.toml) with pip. Safe to run again.
 #   bash install.sh                 CPU or GPU machine; uses the torch already installed if it is 2.13.0
 #   FLASH_ATTN=1 bash install.sh    also build flash-attn (needs a CUDA toolkit; optional, SDPA is the default)
+#   TILELANG=1 bash install.sh      also TileLang: the Hopper decode kernel over the latent cache (runs with a CUDA
+#                                   toolkit's nvcc; on CPU machines its kernels only lower, which the tests check)
 #   PYTHON=/path/to/python bash install.sh
 # A CUDA or ROCm build of torch is your choice: install `torch==2.13.0` from the matching index first
 # (e.g. pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/rocm6.4); pip then keeps it.
@@ -11,8 +13,10 @@ PY=${PYTHON:-python3}
 say() { printf '[install] %s\n' "$*"; }
 
 say "python: $($PY --version 2>&1) at $(command -v "$PY")"
-say "installing the project and its pinned dependencies (pyproject.toml), extras: test, data"
-$PY -m pip install --quiet --disable-pip-version-check -e ".[test,data]"
+EXTRAS=test,data
+[ "${TILELANG:-0}" = "1" ] && EXTRAS=$EXTRAS,tilelang
+say "installing the project and its pinned dependencies (pyproject.toml), extras: $EXTRAS"
+$PY -m pip install --quiet --disable-pip-version-check -e ".[$EXTRAS]"
 
 NO_DEPS=$($PY - <<'PYEOF'
 import tomllib

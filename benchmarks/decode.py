@@ -3,6 +3,7 @@
 
     python benchmarks/decode.py                       # the issue's grid on one GPU, writes runs/benchmarks/decode.*
     python benchmarks/decode.py --smoke --out /tmp/x  # tiny shapes on CPU: checks that the script runs
+    python benchmarks/decode.py --compile --attention_backend tilelang   # MLA layers by the TileLang kernel (Hopper)
 
 For every (batch, context): B random prompts of `context` tokens are prefilled for real, then --steps greedy decode
 steps are timed. Reported: decode tokens/s, step latency, cache bytes (allocated, and used at that context), and
@@ -100,6 +101,7 @@ def run_point(model, name, batch, context, args, device, bandwidth, replicate=Fa
         max_seq_len=context + args.steps + 8,
         compile=args.compile,
         prefill_tokens=args.prefill_tokens,
+        attention_backend=args.attention_backend,
     )
     g = torch.Generator().manual_seed(batch * 100003 + context)
     vocab = model.config.vocab_size
@@ -169,12 +171,12 @@ def hf_generate(model, name, batch, context, steps, device):
     }
 
 
-def check_engine(models, device, dtype):
+def check_engine(models, device, dtype, backend="auto"):
     """Max |logit| difference: engine (graphs + kernel) vs the plain PyTorch path vs the model's full forward."""
     out = {}
     for name, model in models.items():
         prompts = [torch.randint(0, model.config.vocab_size, (n,)).tolist() for n in (37, 5)]
-        fast = Engine(model, 2, 64)
+        fast = Engine(model, 2, 64, attention_backend=backend)
         plain = Engine(model, 2, 64, cuda_graphs=False, attention_backend="torch")
         logits = [e.prefill(prompts, [0, 1]) for e in (fast, plain)]
         tokens, positions = logits[0].argmax(-1), torch.tensor([37, 5], device=device)
@@ -236,6 +238,12 @@ def main(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU is fine): only checks the script")
     p.add_argument("--out", default="runs/benchmarks/decode")
     p.add_argument("--tiles", help="a benchmarks/decode_kernel_sweep.py output: run the kernel with its best tiles")
+    p.add_argument(
+        "--attention_backend",
+        default="auto",
+        choices=["auto", "triton", "tilelang"],
+        help="tilelang: MLA layers through the TileLang kernel (Hopper, the [tilelang] extra); GQA layers stay Triton",
+    )
     p.add_argument("--tiles_point", help="which of the sweep's points (e.g. 64x8192) to take, when it measured several")
     a = p.parse_args(argv)
     if a.tiles:
@@ -260,11 +268,12 @@ def main(argv=None):
         "steps": a.steps,
         "kv_cache_table": kv,
         "tiles": {k: dict(v) for k, v in tk.TILE.items()},
+        "attention_backend": a.attention_backend,
     }
     print(json.dumps(info), flush=True)
     result = {
         "info": info,
-        "check": check_engine(models, device, dtype),
+        "check": check_engine(models, device, dtype, a.attention_backend),
         "grid": [],
         "hf_generate": [],
         "max_batch_32k": [],

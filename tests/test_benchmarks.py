@@ -5,6 +5,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO, needs_smollm2
 
 
@@ -359,3 +360,33 @@ def test_kernel_resources_compiles_the_decode_kernel_for_hopper_without_a_gpu(tm
         assert 0 < r["registers"] <= 255 and r["shared_bytes"] > 0 and r["num_warps"] == 4
         assert r["programs_per_sm_fit"]["warps"] == 16  # 64 warps per multiprocessor
         assert r["programs_per_sm_max"] == min(r["programs_per_sm_fit"].values())
+
+
+def test_tilelang_benchmark_grid_lowers_for_hopper_within_its_shared_memory():
+    """Every tile benchmarks/decode_tilelang.py would time compiles for sm_90a within 227 KB of shared memory (lowered
+    without a GPU), so that none of a lease's minutes go to tiles that cannot build."""
+    pytest.importorskip("tilelang")
+    import tilelang
+    from tilelang import tvm
+
+    from train_mla.inference import tilelang_decode as tl
+
+    grids = _script("decode_tilelang").GRID
+    widths = {"mla": (32, 64, 32), "mla_wide": (128, 512, 64), "mla_wide_few_heads": (16, 512, 64)}
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
+    for entry, grid in grids.items():
+        heads, latent, rope = widths[entry]
+        assert tl.tile_for(heads, latent + rope) == tl.TILE[entry]
+        for block_h, block_n, stages, threads in grid:
+            with target:
+                program = tl.split_program(heads, latent, rope, 2, block_h, block_n, stages, threads)
+                art = tilelang.lower(program, target)
+            (kernel,) = art.device_mod.functions.values()
+            assert int(kernel.attrs["dyn_shared_memory_buf"]) <= 227 * 1024, (entry, block_h, block_n, stages, threads)
+            assert "tl::tma_load(" in art.kernel_source
+
+
+def test_tilelang_benchmark_refuses_a_machine_without_a_hopper_gpu():
+    pytest.importorskip("tilelang")
+    with pytest.raises(SystemExit, match="Hopper GPU"):
+        _script("decode_tilelang").main([])

@@ -174,6 +174,9 @@ def test_bad_requests_are_clear_errors():
         engine.generate(_prompts((2, 2, 2)), max_new_tokens=2)
     with pytest.raises(ValueError, match="cuda_graphs"):
         Engine(model, max_batch_size=1, max_seq_len=8, cuda_graphs=True)
+    if not torch.cuda.is_available():  # the TileLang kernel is Hopper's: refused before any cache is allocated
+        with pytest.raises(ValueError, match="tilelang"):
+            Engine(model, max_batch_size=1, max_seq_len=8, attention_backend="tilelang")
 
 
 @pytest.mark.parametrize("top_p", [1.0, 0.9])

@@ -7,7 +7,9 @@ The same function serves both cache layouts of the inference engine:
   same latent cache, so v_cache is a view of k_cache and a tile loaded for the scores is reused for the values.
 
 On CUDA (or under Triton's CPU interpreter) the Triton kernels of triton_decode.py read each cache entry once; elsewhere
-the plain PyTorch reference below computes the same thing, and the tests check the kernels against it. Only positions
+the plain PyTorch reference below computes the same thing, and the tests check the kernels against it. On Hopper,
+backend "tilelang" takes MLA's latent caches to the TileLang kernel of tilelang_decode.py (the GPU extra; GQA caches
+stay with Triton). Only positions
 t < lengths[b] of sequence b are attended to; every length is at least 1 (a decode
 step always has the new token).
 """
@@ -46,12 +48,30 @@ def use_triton(device: torch.device) -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+BACKENDS = ("auto", "triton", "tilelang", "torch")
+
+
+def latent_prefix(k_cache, v_cache) -> bool:
+    """MLA's absorbed layout: one key head, and the values are the first columns of the same cache rows."""
+    return (
+        k_cache.shape[2] == 1
+        and v_cache.data_ptr() == k_cache.data_ptr()
+        and v_cache.stride() == k_cache.stride()
+        and v_cache.shape[-1] < k_cache.shape[-1]
+    )
+
+
 def decode_attention(q, k_cache, v_cache, lengths, scale, num_splits: int | None = None, backend: str = "auto"):
-    """q [B, K, G, dk], caches [B, T, K, d], lengths [B] (int) -> [B, K, G, dv]; backend auto | triton | torch."""
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"decode attention backend must be auto, triton or torch, not {backend!r}")
+    """q [B, K, G, dk], caches [B, T, K, d], lengths [B] (int) -> [B, K, G, dv]; backend one of BACKENDS."""
+    if backend not in BACKENDS:
+        raise ValueError(f"decode attention backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     if backend == "torch" or (backend == "auto" and not use_triton(q.device)):
         return decode_attention_reference(q, k_cache, v_cache, lengths, scale)
+    if backend == "tilelang" and latent_prefix(k_cache, v_cache):
+        from train_mla.inference.tilelang_decode import decode_attention_tilelang
+
+        out = decode_attention_tilelang(q[:, 0], k_cache[:, :, 0], lengths, scale, v_cache.shape[-1], num_splits)
+        return out[:, None]  # [B, 1, H, latent]
     return triton_kernels().decode_attention_triton(q, k_cache, v_cache, lengths, scale, num_splits)
 
 

@@ -202,7 +202,10 @@ class KVCache:
 
 
 class Engine:
-    """Batched generation over a preallocated cache of `max_batch_size` sequences of `max_seq_len` tokens."""
+    """Batched generation over a preallocated cache of `max_batch_size` sequences of `max_seq_len` tokens.
+
+    attention_backend: "auto" (Triton's kernels on CUDA, the PyTorch reference elsewhere), "triton", "torch", or
+    "tilelang" (MLA layers by the TileLang kernel of tilelang_decode.py, Hopper only; GQA layers by Triton's)."""
 
     def __init__(
         self,
@@ -223,8 +226,13 @@ class Engine:
         self.max_batch_size, self.max_seq_len, self.prefill_tokens = max_batch_size, max_seq_len, prefill_tokens
         if attention_backend == "auto":  # resolved once here: nothing in a decode step may sync with the host
             attention_backend = "triton" if use_triton(self.device) else "torch"
-        if attention_backend == "triton":
+        if attention_backend in ("triton", "tilelang"):
             triton_kernels()  # import (and define) the kernels outside any torch.compile trace
+        if attention_backend == "tilelang":
+            from train_mla.inference import tilelang_decode
+
+            if not tilelang_decode.available():
+                raise ValueError("attention_backend 'tilelang' needs TileLang (the [tilelang] extra) and a Hopper GPU")
         self.backend = attention_backend
         self.layers = model.model.layers
         self.caches = [
