@@ -233,6 +233,13 @@ class Engine:
 
             if not tilelang_decode.available():
                 raise ValueError("attention_backend 'tilelang' needs TileLang (the [tilelang] extra) and a Hopper GPU")
+            for i, layer in enumerate(model.model.layers):
+                a = layer.self_attn
+                if isinstance(a, MLAAttention) and not tilelang_decode.supported(a.kv_lora_rank, a.qk_rope_head_dim):
+                    raise ValueError(
+                        f"attention_backend 'tilelang': layer {i}'s latent {a.kv_lora_rank} + RoPE "
+                        f"{a.qk_rope_head_dim} is not a width the kernel takes (multiples of 16 and 8)"
+                    )
         self.backend = attention_backend
         self.layers = model.model.layers
         self.caches = [

@@ -34,6 +34,12 @@ WIDE_ROW = 320
 SPLIT_COST_TILES = 2  # a split's fixed cost (query load, prologue, its share of the merge) in cache tiles
 
 
+def supported(latent: int, rope: int) -> bool:
+    """Widths the kernel's tensor-core tiles take: the latent a multiple of 16 (the products' K and, split over two
+    warps, N in multiples of 8), the RoPE key of 8; every recipe's (16-512 + 8-64) is."""
+    return latent > 0 and latent % 16 == 0 and rope > 0 and rope % 8 == 0
+
+
 def tile_for(heads: int, width: int) -> dict:
     """TILE's entry for a cache row of `width` values read by `heads` query heads (16 or fewer: a group of 16)."""
     if width <= WIDE_ROW:
@@ -198,8 +204,11 @@ def decode_attention_tilelang(q, cache, lengths, scale, latent, num_splits=None,
         raise ValueError(f"cache must be [B, T, {width}] for q {tuple(q.shape)}, got {tuple(cache.shape)}")
     if q.dtype not in (torch.bfloat16, torch.float16) or cache.dtype != q.dtype:
         raise ValueError(f"the TileLang kernel takes bf16 or fp16 q and cache alike, got {q.dtype}, {cache.dtype}")
-    if not 0 < latent < width:
-        raise ValueError(f"latent must be in (0, {width}), got {latent}")
+    if not 0 < latent < width or not supported(latent, width - latent):
+        raise ValueError(
+            f"the TileLang kernel takes a latent of a multiple of 16 and a RoPE key of a multiple of 8 values, got "
+            f"latent {latent} + RoPE {width - latent}"
+        )
     cache = cache[:B]
     if not cache.is_contiguous():
         raise ValueError("the cache must be contiguous (rows of latent + rope values, one sequence after another)")
