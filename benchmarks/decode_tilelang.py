@@ -101,7 +101,8 @@ def main(argv=None):
         rows.append({**base, "kernel": "triton TILE", "us": 1e6 * bench(triton_call), "max_abs_err": err})
         default = tl.tile_for(H, r + d_r)
         entry = next(name for name, t in tl.TILE.items() if t == default)
-        tiles = [default] + ([] if a.default_only else [dict(zip(KEYS, t)) for t in GRID[entry] if t != default])
+        grid = [dict(zip(KEYS, t)) for t in GRID[entry]]
+        tiles = [default] + ([] if a.default_only else [t for t in grid if t != default])
         for tile, splits in [(t, None) for t in tiles] + [(default, s) for s in a.splits]:
             call = functools.partial(tl.decode_attention_tilelang, q, cache, lengths, scale, r, splits, tile, T)
             try:
@@ -116,6 +117,15 @@ def main(argv=None):
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "error"}), row.get("error", "")[-300:], flush=True)
             save()
+        try:  # the default tile's merge pass alone: what fusing it into the split pass could save at most
+            _, combine, n = tl.plan(q, cache, r, None, default, T)
+            part = torch.zeros(B, n, H, r, device=dev)
+            lse, out_ = torch.zeros(B, n, H, device=dev), torch.empty(B, H, r, device=dev, dtype=q.dtype)
+            merge = {"kernel": "tilelang merge pass alone", **default, "splits": n}
+            us = 1e6 * bench(functools.partial(combine, part, lse, out_))
+            rows.append({**base, **merge, "us": us, "tb_per_s": None})  # reads partial results, not the cache
+        except Exception as e:  # noqa: BLE001
+            print("merge pass alone failed:", str(e)[-300:], flush=True)
         for row in rows:
             if "us" in row and "tb_per_s" not in row:
                 row["tb_per_s"] = row["cache_mb"] * 1e6 / (row["us"] * 1e-6) / 1e12
@@ -145,12 +155,12 @@ def main(argv=None):
     ]
     for row in rows:
         tile = ", ".join(str(row[k]) for k in KEYS) if "block_h" in row else ""
-        splits = "" if row["kernel"] != "tilelang" else (row["splits"] or "auto")
+        splits = "" if "splits" not in row else (row["splits"] or "auto")
         if "us" in row:
             err = f"{row['max_abs_err']:.1e}" if "max_abs_err" in row else ""
             lines.append(
                 f"| {row['shape']} | {row['point']} | {row['kernel']} | {tile} | {splits} | {row['us']:.1f} | "
-                f"{row['tb_per_s']:.2f} | {err} |"
+                f"{'' if row['tb_per_s'] is None else format(row['tb_per_s'], '.2f')} | {err} |"
             )
         else:
             lines.append(f"| {row['shape']} | {row['point']} | {row['kernel']} | {tile} | {splits} | failed | | |")

@@ -172,7 +172,7 @@ def combine_program(heads, latent, num_splits, block_h, threads=128, dtype="bflo
 
 @functools.lru_cache(maxsize=64)
 def compiled(heads, latent, rope, num_splits, block_h, block_n, num_stages, threads, dtype):
-    """Both passes compiled for this GPU (tens of seconds the first time; TileLang caches kernels on disk)."""
+    """Both passes compiled for this GPU on first use (by nvcc; TileLang also caches kernels on disk)."""
     import tilelang
 
     split = split_program(heads, latent, rope, num_splits, block_h, block_n, num_stages, threads, dtype)
@@ -194,11 +194,10 @@ def default_num_splits(programs: int, tiles: int, sms: int) -> int:
     return best
 
 
-def decode_attention_tilelang(q, cache, lengths, scale, latent, num_splits=None, tile=None, max_length=None):
-    """q [B, H, latent + rope], cache [B, T, latent + rope], lengths [B] (int, each >= 1) -> [B, H, latent].
-
-    tile: keys of TILE to override tile_for's; num_splits None: default_num_splits for max_length (the cache length
-    T when None: a count fixed by shapes, as a CUDA graph needs)."""
+def plan(q, cache, latent, num_splits=None, tile=None, max_length=None):
+    """The compiled (split pass, merge pass) and split count for q [B, H, latent + rope] over cache [B', T, latent +
+    rope] (B' >= B), after checking both. tile: keys of TILE to override tile_for's; num_splits None:
+    default_num_splits for max_length (the cache length T when None: a count fixed by shapes, as a CUDA graph needs)."""
     B, H, width = q.shape
     if cache.dim() != 3 or cache.shape[0] < B or cache.shape[-1] != width:
         raise ValueError(f"cache must be [B, T, {width}] for q {tuple(q.shape)}, got {tuple(cache.shape)}")
@@ -209,8 +208,7 @@ def decode_attention_tilelang(q, cache, lengths, scale, latent, num_splits=None,
             f"the TileLang kernel takes a latent of a multiple of 16 and a RoPE key of a multiple of 8 values, got "
             f"latent {latent} + RoPE {width - latent}"
         )
-    cache = cache[:B]
-    if not cache.is_contiguous():
+    if not cache[:B].is_contiguous():
         raise ValueError("the cache must be contiguous (rows of latent + rope values, one sequence after another)")
     tile = {**tile_for(H, width), **(tile or {})}
     if num_splits is None:
@@ -219,10 +217,17 @@ def decode_attention_tilelang(q, cache, lengths, scale, latent, num_splits=None,
         num_splits = default_num_splits(B * math.ceil(H / tile["block_h"]), tiles, sms)
     dtype = "bfloat16" if q.dtype == torch.bfloat16 else "float16"
     keys = (tile["block_h"], tile["block_n"], tile["num_stages"], tile["threads"])
-    split, combine = compiled(H, latent, width - latent, num_splits, *keys, dtype)
+    return (*compiled(H, latent, width - latent, num_splits, *keys, dtype), num_splits)
+
+
+def decode_attention_tilelang(q, cache, lengths, scale, latent, num_splits=None, tile=None, max_length=None):
+    """q [B, H, latent + rope], cache [B', T, latent + rope] (its first B sequences), lengths [B] (int, each >= 1)
+    -> [B, H, latent]. The other arguments as `plan`'s."""
+    split, combine, num_splits = plan(q, cache, latent, num_splits, tile, max_length)
+    B, H, _ = q.shape
     part = torch.empty(B, num_splits, H, latent, device=q.device, dtype=torch.float32)
     lse = torch.empty(B, num_splits, H, device=q.device, dtype=torch.float32)
     out = torch.empty(B, H, latent, device=q.device, dtype=q.dtype)
-    split(q.contiguous(), cache, lengths.to(torch.int32), scale * 1.4426950408889634, part, lse)
+    split(q.contiguous(), cache[:B], lengths.to(torch.int32), scale * 1.4426950408889634, part, lse)
     combine(part, lse, out)
     return out
