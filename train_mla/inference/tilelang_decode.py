@@ -22,11 +22,14 @@ import torch
 
 # Tiles of the kernel, per row width as in triton_decode: query heads per program, cache tokens per tile, ring
 # buffers, consumer threads (one more warpgroup produces). The compiler gives each program 240 registers per consumer
-# thread, so one program runs per multiprocessor and the ring's depth is what keeps bytes in flight. "mla_wide" is for
-# rows wider than WIDE_ROW (DeepSeek's 512 + 64), where two consumer warpgroups share the output. Chosen by
-# benchmarks/decode_tilelang.py on the card (docs/benchmarks.md).
+# thread, so one program runs per multiprocessor and the ring's depth is what keeps bytes in flight (here 4 x 24 KB).
+# 64 heads per program even for 32 heads (rows of zeros): a warpgroup's wgmma gives each warp whole rows of the scores,
+# so the softmax's row max and sum stay within warps; at 32 rows (mma.sync) two warps share each row and every tile
+# pays two cross-warp reductions through shared memory. "mla_wide" is for rows wider than WIDE_ROW (DeepSeek's
+# 512 + 64), where two consumer warpgroups share the output. Not yet measured: benchmarks/decode_tilelang.py chooses on
+# the card (docs/benchmarks.md).
 TILE = {
-    "mla": {"block_h": 32, "block_n": 64, "num_stages": 4, "threads": 128},
+    "mla": {"block_h": 64, "block_n": 128, "num_stages": 4, "threads": 128},
     "mla_wide": {"block_h": 64, "block_n": 32, "num_stages": 2, "threads": 256},
     "mla_wide_few_heads": {"block_h": 16, "block_n": 32, "num_stages": 4, "threads": 128},
 }
