@@ -1,4 +1,5 @@
-"""FlashInfer's MLA decode kernel beside ours, on the same latent cache, queries and H200.
+"""FlashInfer's MLA decode kernel beside ours (Triton's, and TileLang's where it is installed), on the same latent
+cache, queries and GPU.
 
     python benchmarks/flashinfer_mla_peer.py      # GPU + flashinfer-python: runs/benchmarks/flashinfer_mla.{json,md}
     python benchmarks/flashinfer_mla_peer.py \
@@ -28,12 +29,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_kernel_sweep import bench  # noqa: E402
 
 from train_mla.inference import decode_attention as da  # noqa: E402
+from train_mla.inference import tilelang_decode  # noqa: E402
 from train_mla.inference import triton_decode as tk  # noqa: E402
 
 SHAPES = {
     "1b": (32, 64, 32),  # llama3.2_1B/mla_kv_rank_64_8bt.yaml: 32 heads, latent 64, RoPE key 32
-    "deepseek_v3_tp8": (16, 512, 64),
-}  # DeepSeek-V3's 128 heads over 8 GPUs, latent 512, RoPE key 64
+    "deepseek_v3_tp8": (16, 512, 64),  # DeepSeek-V3's 128 heads over 8 GPUs, latent 512, RoPE key 64
+    "deepseek_v3": (128, 512, 64),  # all 128 on one GPU
+}
 
 
 def eager_time(fn, reps=20):
@@ -167,6 +170,20 @@ def main(argv=None):
                 rows[-1].get("error", "")[-300:],
                 flush=True,
             )
+            if tilelang_decode.available():  # the Hopper kernel, its default tile for these widths
+                try:
+                    call = functools.partial(tilelang_decode.decode_attention_tilelang, q, cache, lengths, scale, r)
+                    err = float((call().float() - ref).abs().max())
+                    t, how = timed(call)
+                    row = {"kernel": "tilelang", "us": 1e6 * t, "tb_per_s": nbytes / t / 1e12, "timed": how}
+                    rows.append({**base, **row, "max_abs_err": err})
+                except Exception as e:  # noqa: BLE001
+                    rows.append({**base, "kernel": "tilelang", "error": f"{type(e).__name__}: {e}"[-2000:]})
+                print(
+                    json.dumps({k: v for k, v in rows[-1].items() if k != "error"}),
+                    rows[-1].get("error", "")[-300:],
+                    flush=True,
+                )
             for backend in a.backends:
                 try:
                     t0 = time.time()
