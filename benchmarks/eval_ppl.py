@@ -36,11 +36,14 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--blocks", type=int, default=None, help="only the first N evaluation blocks (a quick CPU number)")
     p.add_argument("--out", default=None, help="write OUT.json")
     a = p.parse_args(argv)
     data_args = DataArguments(dataset_mixer=json.loads(a.dataset_mixer), max_seq_length=a.max_seq_length)
     tok = load_tokenizer(a.model)
     test = prepare_lm_dataset(data_args, tok)["test"]
+    if a.blocks:
+        test = test.select(range(min(a.blocks, len(test))))
     model = load_causal_lm(a.model, a.dtype).to(a.device).eval()
     collate = PackedCollator(
         tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,

@@ -390,3 +390,24 @@ def test_tilelang_benchmark_refuses_a_machine_without_a_hopper_gpu():
     pytest.importorskip("tilelang")
     with pytest.raises(SystemExit, match="Hopper GPU"):
         _script("decode_tilelang").main([])
+
+
+def test_rope_frequency_norms_rank_a_planted_frequency_first():
+    """A rotation pair whose q and k rows are scaled up in every layer carries the largest |q_f||k_f| and ranks first;
+    each layer's scores are shares (sum 1)."""
+    import torch
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    d = model.config.hidden_size // model.config.num_attention_heads
+    planted = 5
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                w = proj.weight.view(-1, d, proj.weight.shape[-1])  # [heads, d, hidden]
+                w[:, [planted, planted + d // 2]] *= 20
+    blocks = torch.randint(3, 97, (4, 32))
+    scores = _script("rope_frequency_norms").frequency_scores(model, blocks, batch=2)
+    assert scores.shape == (model.config.num_hidden_layers, d // 2)
+    assert torch.allclose(scores.sum(1), torch.ones(len(scores)))
+    assert (scores.argmax(1) == planted).all()
