@@ -15,6 +15,8 @@
 #   combined  the three together: warm's init, wsd's schedule at peak's rate (the long recipes' method)
 #   rope32  combined with the same 96 cached values split as latent 64 + RoPE key 32 instead of 80 + 16 (is the narrow
 #           shared RoPE key what LAMBADA loses?); its own warm-started upcycle
+#   ce      combined with half the loss the text's own next-token cross-entropy (kl_weight 0.5, ce_weight 0.5): the
+#           teacher's distribution alone, or the text too (MHA2MLA trains on the language-model loss alone)?
 #   repeat  combined + data/corpus/repeat.jsonl (python -m train_mla.repeat_passages: passages repeated 200-1,000 words
 #           later, docs/data.md): does distilling the teacher's copying from far back recover it (benchmarks/copy_probe.py)?
 # Every arm trains in one process (python train_mla/train_distill.py); arms run one after another, each arm's
@@ -59,6 +61,7 @@ for arm in "$@"; do
     combined) mix="$BASE, $WIKI, $BOOKS"; extra=("${COMBINED[@]}") ;;
     rope32) mix="$BASE, $WIKI, $BOOKS"; extra=("${COMBINED[@]}" "${ROPE32[@]}") ;;
     repeat) mix="$BASE, $WIKI, $BOOKS, $REPEAT"; extra=("${COMBINED[@]}") ;;
+    ce) mix="$BASE, $WIKI, $BOOKS"; extra=("${COMBINED[@]}" --kl_weight 0.5 --ce_weight 0.5) ;;
     *) echo "unknown arm $arm" >&2; exit 2 ;;
   esac
   train_args=($RECIPE --output_dir "$OUT/$arm" --max_steps "$STEPS" --eval_steps $((STEPS / 4)) --save_steps 100000
@@ -68,7 +71,7 @@ for arm in "$@"; do
     stamp "arm $arm: tokenising {$mix} (log: $OUT/$arm.prepare.log)"
     python -m train_mla.prepare_data "${train_args[@]}" > "$OUT/$arm.prepare.log" 2>&1; continue
   fi
-  if [ "$arm" = warm ] || [ "$arm" = combined ] || [ "$arm" = repeat ]; then upcycled="$OUT/upcycled_warm"; upcycle "$upcycled" ${WARM_ARGS:-$WARM_DEFAULT}
+  if [ "$arm" = warm ] || [ "$arm" = combined ] || [ "$arm" = repeat ] || [ "$arm" = ce ]; then upcycled="$OUT/upcycled_warm"; upcycle "$upcycled" ${WARM_ARGS:-$WARM_DEFAULT}
   elif [ "$arm" = rope32 ]; then upcycled="$OUT/upcycled_warm_rope32"; upcycle "$upcycled" ${WARM_ARGS:-$WARM_DEFAULT} "${ROPE32[@]}"
   else upcycled="$OUT/upcycled"; upcycle "$upcycled"; fi  # one upcycled model for every other arm, made once
   [ -n "${UPCYCLE_ONLY:-}" ] && continue
